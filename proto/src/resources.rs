@@ -1,0 +1,706 @@
+//! The resource model: scalars (`cpus`, `mem` MiB, `disk` MiB, `gpus`, or any other name) and ranges (`ports`),
+//! each optionally reserved for a role. This is the only place resource arithmetic and the operator text form
+//! (`cpus:4;mem:4096;ports:[31000-32000];cpus(analytics):2`) are implemented.
+//!
+//! Scalars are stored in thousandths (fixed point, like Mesos) so that repeated add/subtract never drifts.
+
+use std::fmt;
+
+use crate::v1;
+
+/// Scalars are kept as integer thousandths.
+const MILLI: i64 = 1000;
+
+/// Names whose type is fixed; any other name takes its type from the value's form.
+const SCALAR_NAMES: [&str; 4] = ["cpus", "mem", "disk", "gpus"];
+const RANGE_NAMES: [&str; 1] = ["ports"];
+
+/// An error in a resource string or message, naming the offending token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid resource {token:?}: {reason}")]
+pub struct ParseError {
+    pub token: String,
+    pub reason: String,
+}
+
+impl ParseError {
+    fn new(token: &str, reason: impl Into<String>) -> Self {
+        Self { token: token.to_string(), reason: reason.into() }
+    }
+}
+
+/// A resource's value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    /// Thousandths of a unit.
+    Scalar(i64),
+    /// Sorted, disjoint, non-adjacent inclusive ranges.
+    Ranges(Vec<(u64, u64)>),
+}
+
+impl Value {
+    fn is_empty(&self) -> bool {
+        match self {
+            Value::Scalar(v) => *v <= 0,
+            Value::Ranges(r) => r.is_empty(),
+        }
+    }
+    fn is_ranges(&self) -> bool {
+        matches!(self, Value::Ranges(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Entry {
+    name: String,
+    /// `None` is unreserved (`*`).
+    role: Option<String>,
+    value: Value,
+}
+
+impl Entry {
+    fn key(&self) -> (&str, Option<&str>, bool) {
+        (&self.name, self.role.as_deref(), self.value.is_ranges())
+    }
+}
+
+/// A bag of resources. Invariant: entries sorted by (name, role, kind), unique, none empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Resources {
+    entries: Vec<Entry>,
+}
+
+impl Resources {
+    /// No resources.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses the operator text form. Empty input gives empty resources.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let mut out = Resources::new();
+        for token in text.split(';').map(str::trim).filter(|t| !t.is_empty()) {
+            let entry = parse_token(token)?;
+            if out.find(entry.key()).is_ok() {
+                return Err(ParseError::new(token, format!("{} is given more than once", describe(&entry))));
+            }
+            out.add_entry(entry);
+        }
+        Ok(out)
+    }
+
+    /// A single unreserved scalar.
+    pub fn scalar(name: &str, value: f64) -> Self {
+        let mut r = Resources::new();
+        r.add_entry(Entry { name: name.into(), role: None, value: Value::Scalar(to_milli(value)) });
+        r
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total of a scalar over all roles (0 when absent).
+    pub fn get_scalar(&self, name: &str) -> f64 {
+        self.scalar_milli(name) as f64 / MILLI as f64
+    }
+
+    /// Total of a scalar over all roles, in thousandths.
+    pub fn scalar_milli(&self, name: &str) -> i64 {
+        self.entries
+            .iter()
+            .filter(|e| e.name == name)
+            .map(|e| match e.value {
+                Value::Scalar(v) => v,
+                Value::Ranges(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Every range of `name` over all roles.
+    pub fn ranges(&self, name: &str) -> Vec<(u64, u64)> {
+        let mut all = Vec::new();
+        for e in self.entries.iter().filter(|e| e.name == name) {
+            if let Value::Ranges(r) = &e.value {
+                all = range_union(&all, r);
+            }
+        }
+        all
+    }
+
+    /// Names of the scalar resources present.
+    pub fn scalar_names(&self) -> impl Iterator<Item = &str> {
+        let mut last = None;
+        self.entries.iter().filter_map(move |e| {
+            let is_new = matches!(e.value, Value::Scalar(_)) && last != Some(e.name.as_str());
+            if matches!(e.value, Value::Scalar(_)) {
+                last = Some(e.name.as_str());
+            }
+            is_new.then_some(e.name.as_str())
+        })
+    }
+
+    /// The roles these resources are reserved for (without duplicates).
+    pub fn reservation_roles(&self) -> Vec<&str> {
+        let mut roles: Vec<&str> = self.entries.iter().filter_map(|e| e.role.as_deref()).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        roles
+    }
+
+    /// The part usable by a framework in `role`: unreserved resources plus those reserved for `role`.
+    pub fn allocatable_to(&self, role: &str) -> Resources {
+        self.filter(|e| e.role.as_deref().is_none_or(|r| r == role))
+    }
+
+    /// The unreserved part.
+    pub fn unreserved(&self) -> Resources {
+        self.filter(|e| e.role.is_none())
+    }
+
+    /// The part reserved for `role`.
+    pub fn reserved_for(&self, role: &str) -> Resources {
+        self.filter(|e| e.role.as_deref() == Some(role))
+    }
+
+    /// The same resources with every reservation dropped.
+    pub fn flatten(&self) -> Resources {
+        let mut out = Resources::new();
+        for e in &self.entries {
+            out.add_entry(Entry { role: None, ..e.clone() });
+        }
+        out
+    }
+
+    fn filter(&self, keep: impl Fn(&Entry) -> bool) -> Resources {
+        Resources { entries: self.entries.iter().filter(|e| keep(e)).cloned().collect() }
+    }
+
+    /// Whether every resource in `other` is present here (same name, role and kind, at least as much).
+    pub fn contains(&self, other: &Resources) -> bool {
+        other.entries.iter().all(|o| match self.find(o.key()) {
+            Ok(i) => match (&self.entries[i].value, &o.value) {
+                (Value::Scalar(a), Value::Scalar(b)) => a >= b,
+                (Value::Ranges(a), Value::Ranges(b)) => range_contains(a, b),
+                _ => false,
+            },
+            Err(_) => false,
+        })
+    }
+
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Resources) {
+        for e in &other.entries {
+            self.add_entry(e.clone());
+        }
+    }
+
+    /// Removes `other` from `self`; what `self` lacks is ignored (use [`Resources::contains`] first when that
+    /// matters).
+    pub fn subtract(&mut self, other: &Resources) {
+        for o in &other.entries {
+            if let Ok(i) = self.find(o.key()) {
+                let value = match (&self.entries[i].value, &o.value) {
+                    (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar((a - b).max(0)),
+                    (Value::Ranges(a), Value::Ranges(b)) => Value::Ranges(range_difference(a, b)),
+                    (v, _) => v.clone(),
+                };
+                if value.is_empty() {
+                    self.entries.remove(i);
+                } else {
+                    self.entries[i].value = value;
+                }
+            }
+        }
+    }
+
+    /// `self + other` as a new value.
+    pub fn plus(&self, other: &Resources) -> Resources {
+        let mut r = self.clone();
+        r.add(other);
+        r
+    }
+
+    /// `self - other` as a new value.
+    pub fn minus(&self, other: &Resources) -> Resources {
+        let mut r = self.clone();
+        r.subtract(other);
+        r
+    }
+
+    fn find(&self, key: (&str, Option<&str>, bool)) -> Result<usize, usize> {
+        self.entries.binary_search_by(|e| e.key().cmp(&key))
+    }
+
+    fn add_entry(&mut self, entry: Entry) {
+        if entry.value.is_empty() {
+            return;
+        }
+        match self.find(entry.key()) {
+            Ok(i) => {
+                let merged = match (&self.entries[i].value, &entry.value) {
+                    (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar(a + b),
+                    (Value::Ranges(a), Value::Ranges(b)) => Value::Ranges(range_union(a, b)),
+                    (v, _) => v.clone(),
+                };
+                self.entries[i].value = merged;
+            }
+            Err(i) => self.entries.insert(i, entry),
+        }
+    }
+
+    /// Converts from protobuf, validating names, roles and values.
+    pub fn from_proto(list: &[v1::Resource]) -> Result<Resources, ParseError> {
+        let mut out = Resources::new();
+        for r in list {
+            let token = format!("{}({})", r.name, if r.role.is_empty() { "*" } else { &r.role });
+            validate_name(&token, &r.name)?;
+            let role = parse_role(&token, &r.role)?;
+            let value = match v1::resource::Type::try_from(r.r#type) {
+                Ok(v1::resource::Type::Scalar) => Value::Scalar(scalar_to_milli(&token, r.scalar)?),
+                Ok(v1::resource::Type::Ranges) => {
+                    let ranges: Vec<(u64, u64)> = r.ranges.iter().map(|x| (x.begin, x.end)).collect();
+                    if let Some((b, e)) = ranges.iter().find(|(b, e)| b > e) {
+                        return Err(ParseError::new(&token, format!("range {b}-{e} ends before it begins")));
+                    }
+                    Value::Ranges(range_union(&[], &ranges))
+                }
+                _ => return Err(ParseError::new(&token, format!("unknown resource type {}", r.r#type))),
+            };
+            check_kind(&token, &r.name, &value)?;
+            out.add_entry(Entry { name: r.name.clone(), role, value });
+        }
+        Ok(out)
+    }
+
+    /// Converts to protobuf.
+    pub fn to_proto(&self) -> Vec<v1::Resource> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let mut r = v1::Resource {
+                    name: e.name.clone(),
+                    role: e.role.clone().unwrap_or_default(),
+                    ..Default::default()
+                };
+                match &e.value {
+                    Value::Scalar(v) => {
+                        r.set_type(v1::resource::Type::Scalar);
+                        r.scalar = *v as f64 / MILLI as f64;
+                    }
+                    Value::Ranges(ranges) => {
+                        r.set_type(v1::resource::Type::Ranges);
+                        r.ranges = ranges.iter().map(|&(begin, end)| v1::Range { begin, end }).collect();
+                    }
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// A JSON object summing each resource over roles, the shape Mesos' `/state` uses:
+    /// `{"cpus": 4.0, "mem": 4096.0, "ports": "[31000-32000]"}`.
+    pub fn to_json_summary(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for name in ["cpus", "mem", "disk", "gpus"] {
+            map.insert(name.into(), serde_json::json!(self.get_scalar(name)));
+        }
+        for e in &self.entries {
+            match &e.value {
+                Value::Scalar(_) if !map.contains_key(&e.name) => {
+                    map.insert(e.name.clone(), serde_json::json!(self.get_scalar(&e.name)));
+                }
+                Value::Ranges(_) if !map.contains_key(&e.name) => {
+                    map.insert(e.name.clone(), serde_json::json!(format_ranges(&self.ranges(&e.name))));
+                }
+                _ => {}
+            }
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+impl fmt::Display for Resources {
+    /// The operator text form; `parse(to_string())` gives back the same resources.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.entries.iter().enumerate() {
+            if i > 0 {
+                f.write_str(";")?;
+            }
+            f.write_str(&describe(e))?;
+            match &e.value {
+                Value::Scalar(v) => write!(f, ":{}", format_milli(*v))?,
+                Value::Ranges(r) => write!(f, ":{}", format_ranges(r))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Resources {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        Resources::parse(s)
+    }
+}
+
+fn describe(e: &Entry) -> String {
+    match &e.role {
+        Some(role) => format!("{}({role})", e.name),
+        None => e.name.clone(),
+    }
+}
+
+fn parse_token(token: &str) -> Result<Entry, ParseError> {
+    let (key, value) = token
+        .split_once(':')
+        .ok_or_else(|| ParseError::new(token, "expected NAME:VALUE or NAME(ROLE):VALUE"))?;
+    let key = key.trim();
+    let value = value.trim();
+    let (name, role) = match key.split_once('(') {
+        Some((name, rest)) => {
+            let role = rest
+                .strip_suffix(')')
+                .ok_or_else(|| ParseError::new(token, "missing ')' after the role"))?;
+            (name.trim(), parse_role(token, role.trim())?)
+        }
+        None => (key, None),
+    };
+    validate_name(token, name)?;
+    let value = if let Some(inner) = value.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| ParseError::new(token, "a range list must end with ']'"))?;
+        Value::Ranges(parse_ranges(token, inner)?)
+    } else {
+        let v: f64 = value
+            .parse()
+            .map_err(|_| ParseError::new(token, format!("value {value:?} is not a number")))?;
+        Value::Scalar(scalar_to_milli(token, v)?)
+    };
+    check_kind(token, name, &value)?;
+    Ok(Entry { name: name.to_string(), role, value })
+}
+
+fn parse_ranges(token: &str, inner: &str) -> Result<Vec<(u64, u64)>, ParseError> {
+    let mut ranges = Vec::new();
+    for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (b, e) = part.split_once('-').unwrap_or((part, part));
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| ParseError::new(token, format!("range bound {:?} is not a whole number", s.trim())))
+        };
+        let (b, e) = (parse(b)?, parse(e)?);
+        if b > e {
+            return Err(ParseError::new(token, format!("range {b}-{e} ends before it begins")));
+        }
+        ranges.push((b, e));
+    }
+    Ok(range_union(&[], &ranges))
+}
+
+fn validate_name(token: &str, name: &str) -> Result<(), ParseError> {
+    if name.is_empty() {
+        return Err(ParseError::new(token, "resource name is empty"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+        return Err(ParseError::new(token, format!("resource name {name:?} has characters other than [A-Za-z0-9_.-]")));
+    }
+    Ok(())
+}
+
+/// Roles: `*` or empty is unreserved; otherwise a name without `/`, whitespace or parentheses.
+fn parse_role(token: &str, role: &str) -> Result<Option<String>, ParseError> {
+    if role.is_empty() || role == "*" {
+        return Ok(None);
+    }
+    validate_role(role).map_err(|reason| ParseError::new(token, reason))?;
+    Ok(Some(role.to_string()))
+}
+
+/// Checks a role name (shared by resource parsing, framework subscription and the master's `--weights`).
+pub fn validate_role(role: &str) -> Result<(), String> {
+    if role.is_empty() {
+        return Err("role name is empty".into());
+    }
+    if role == "." || role == ".." || role.starts_with('-') || role.len() > 255 {
+        return Err(format!("role {role:?} is not a valid role name"));
+    }
+    if let Some(c) = role.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+        return Err(format!("role {role:?} contains {c:?}; allowed are letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+fn check_kind(token: &str, name: &str, value: &Value) -> Result<(), ParseError> {
+    match value {
+        Value::Ranges(_) if SCALAR_NAMES.contains(&name) => {
+            Err(ParseError::new(token, format!("{name} is a scalar, not a range list")))
+        }
+        Value::Scalar(_) if RANGE_NAMES.contains(&name) => {
+            Err(ParseError::new(token, format!("{name} is a range list like [31000-32000], not a number")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn scalar_to_milli(token: &str, v: f64) -> Result<i64, ParseError> {
+    if !v.is_finite() {
+        return Err(ParseError::new(token, "value is not a finite number"));
+    }
+    if v < 0.0 {
+        return Err(ParseError::new(token, format!("value {v} is negative")));
+    }
+    if v > 1e15 {
+        return Err(ParseError::new(token, format!("value {v} is too large")));
+    }
+    Ok(to_milli(v))
+}
+
+fn to_milli(v: f64) -> i64 {
+    (v * MILLI as f64).round() as i64
+}
+
+fn format_milli(v: i64) -> String {
+    if v % MILLI == 0 {
+        return (v / MILLI).to_string();
+    }
+    let s = format!("{}.{:03}", v / MILLI, v % MILLI);
+    s.trim_end_matches('0').to_string()
+}
+
+/// Formats ranges as `[31000-32000,33000-33000]`.
+pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
+    let parts: Vec<String> = ranges.iter().map(|(b, e)| format!("{b}-{e}")).collect();
+    format!("[{}]", parts.join(","))
+}
+
+/// Union of two normalised range lists (also normalises an unsorted `b` when `a` is empty).
+fn range_union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b.iter()).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (b, e) in all {
+        match out.last_mut() {
+            Some(last) if b <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => out.push((b, e)),
+        }
+    }
+    out
+}
+
+fn range_difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(mut lo, hi) in a {
+        let mut alive = true;
+        for &(rb, re) in b {
+            if !alive || re < lo || rb > hi {
+                continue;
+            }
+            if rb > lo {
+                out.push((lo, rb - 1));
+            }
+            if re >= hi {
+                alive = false;
+            } else {
+                lo = re + 1;
+            }
+        }
+        if alive {
+            out.push((lo, hi));
+        }
+    }
+    out
+}
+
+fn range_contains(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
+    b.iter().all(|&(bb, be)| a.iter().any(|&(ab, ae)| ab <= bb && be <= ae))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_the_operator_form() {
+        let r = Resources::parse("cpus:4;mem:4096;disk:20000;ports:[31000-32000]").unwrap();
+        assert_eq!(r.get_scalar("cpus"), 4.0);
+        assert_eq!(r.get_scalar("mem"), 4096.0);
+        assert_eq!(r.get_scalar("disk"), 20000.0);
+        assert_eq!(r.ranges("ports"), vec![(31000, 32000)]);
+        assert_eq!(r.to_string(), "cpus:4;disk:20000;mem:4096;ports:[31000-32000]");
+    }
+
+    #[test]
+    fn parses_reservations() {
+        let r = Resources::parse("cpus:4;cpus(analytics):2;mem(analytics):1024;mem:512").unwrap();
+        assert_eq!(r.get_scalar("cpus"), 6.0);
+        assert_eq!(r.reserved_for("analytics").get_scalar("cpus"), 2.0);
+        assert_eq!(r.unreserved().get_scalar("mem"), 512.0);
+        assert_eq!(r.allocatable_to("analytics").get_scalar("mem"), 1536.0);
+        assert_eq!(r.allocatable_to("other").get_scalar("mem"), 512.0);
+        assert_eq!(r.reservation_roles(), vec!["analytics"]);
+        assert_eq!(r.flatten().to_string(), "cpus:6;mem:1536");
+        assert_eq!(Resources::parse("cpus(*):1").unwrap(), Resources::parse("cpus:1").unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_offending_token() {
+        let cases = [
+            ("cpus:4;mem:lots", "mem:lots", "not a number"),
+            ("cpus:-1", "cpus:-1", "negative"),
+            ("cpus", "cpus", "NAME:VALUE"),
+            ("cpus:1;cpus:2", "cpus:2", "more than once"),
+            ("ports:[5-1]", "ports:[5-1]", "ends before"),
+            ("ports:[1-x]", "ports:[1-x]", "whole number"),
+            ("ports:5", "ports:5", "range list"),
+            ("cpus:[1-2]", "cpus:[1-2]", "scalar"),
+            ("cpus(a/b):1", "cpus(a/b):1", "'/'"),
+            ("cpus(a:1", "cpus(a:1", "')'"),
+            ("c pu:1", "c pu:1", "characters"),
+            ("mem:inf", "mem:inf", "finite"),
+            ("ports:[1-2", "ports:[1-2", "']'"),
+        ];
+        for (input, token, reason) in cases {
+            let err = Resources::parse(input).unwrap_err();
+            assert_eq!(err.token, token, "{input}");
+            assert!(err.to_string().contains(reason), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn range_arithmetic() {
+        let mut r = Resources::parse("ports:[1-10,20-30]").unwrap();
+        r.subtract(&Resources::parse("ports:[5-6,20-30]").unwrap());
+        assert_eq!(r.ranges("ports"), vec![(1, 4), (7, 10)]);
+        assert!(r.contains(&Resources::parse("ports:[7-8]").unwrap()));
+        assert!(!r.contains(&Resources::parse("ports:[4-7]").unwrap()));
+        r.add(&Resources::parse("ports:[5-6]").unwrap());
+        assert_eq!(r.ranges("ports"), vec![(1, 10)]);
+    }
+
+    #[test]
+    fn fractional_cpus_do_not_drift() {
+        let mut r = Resources::parse("cpus:1").unwrap();
+        let tenth = Resources::parse("cpus:0.1").unwrap();
+        for _ in 0..10 {
+            assert!(r.contains(&tenth));
+            r.subtract(&tenth);
+        }
+        assert!(r.is_empty());
+        assert_eq!(Resources::parse("cpus:0.25").unwrap().to_string(), "cpus:0.25");
+    }
+
+    #[test]
+    fn reserved_and_unreserved_do_not_mix() {
+        let r = Resources::parse("cpus(a):2").unwrap();
+        assert!(!r.contains(&Resources::parse("cpus:1").unwrap()));
+        assert!(!Resources::parse("cpus:2").unwrap().contains(&Resources::parse("cpus(a):1").unwrap()));
+    }
+
+    #[test]
+    fn proto_round_trip_and_validation() {
+        let r = Resources::parse("cpus:1.5;mem(x):64;ports:[1-3,7-9]").unwrap();
+        assert_eq!(Resources::from_proto(&r.to_proto()).unwrap(), r);
+        let bad = v1::Resource {
+            name: "cpus".into(),
+            r#type: v1::resource::Type::Scalar as i32,
+            scalar: f64::NAN,
+            ..Default::default()
+        };
+        assert!(Resources::from_proto(&[bad]).unwrap_err().to_string().contains("finite"));
+        let untyped = v1::Resource { name: "cpus".into(), ..Default::default() };
+        assert!(Resources::from_proto(&[untyped]).unwrap_err().to_string().contains("type"));
+    }
+
+    #[test]
+    fn json_summary_sums_roles() {
+        let r = Resources::parse("cpus:1;cpus(a):1;ports:[1-2]").unwrap();
+        let j = r.to_json_summary();
+        assert_eq!(j["cpus"], 2.0);
+        assert_eq!(j["mem"], 0.0);
+        assert_eq!(j["ports"], "[1-2]");
+    }
+
+    fn arb_resources() -> impl Strategy<Value = Resources> {
+        let scalar = (prop_oneof!["cpus", "mem", "disk"], prop::option::of("[ab]"), 0u32..100_000).prop_map(
+            |(name, role, milli)| Entry { name: name.to_string(), role, value: Value::Scalar(milli as i64) },
+        );
+        let ports = (prop::option::of("[ab]"), prop::collection::vec((0u64..200, 0u64..20), 1..4)).prop_map(
+            |(role, spans)| {
+                let ranges: Vec<(u64, u64)> = spans.into_iter().map(|(b, len)| (b, b + len)).collect();
+                Entry { name: "ports".into(), role, value: Value::Ranges(range_union(&[], &ranges)) }
+            },
+        );
+        prop::collection::vec(prop_oneof![scalar, ports], 0..6).prop_map(|entries| {
+            let mut r = Resources::new();
+            for e in entries {
+                r.add_entry(e);
+            }
+            r
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn text_form_round_trips(r in arb_resources()) {
+            prop_assert_eq!(Resources::parse(&r.to_string()).unwrap(), r);
+        }
+
+        #[test]
+        fn add_then_subtract_is_identity(a in arb_resources(), b in arb_resources()) {
+            let sum = a.plus(&b);
+            prop_assert!(sum.contains(&a));
+            prop_assert!(sum.contains(&b));
+            // Ranges are sets (ports overlap rather than stack), so the exact identity holds for scalars only;
+            // for everything, taking b away and putting it back gives the sum, and never more than a is left.
+            let rest = sum.minus(&b);
+            prop_assert!(a.contains(&rest));
+            prop_assert_eq!(rest.plus(&b), sum.clone());
+            for name in ["cpus", "mem", "disk"] {
+                prop_assert_eq!(rest.scalar_milli(name), a.scalar_milli(name));
+            }
+        }
+
+        #[test]
+        fn subtract_then_add_restores_contained(a in arb_resources(), b in arb_resources()) {
+            let whole = a.plus(&b);
+            let part = whole.minus(&a);
+            prop_assert!(whole.contains(&part));
+            prop_assert_eq!(part.plus(&a), whole);
+        }
+
+        #[test]
+        fn contains_is_reflexive_and_empty_is_contained(a in arb_resources()) {
+            prop_assert!(a.contains(&a));
+            prop_assert!(a.contains(&Resources::new()));
+            prop_assert!(a.minus(&a).is_empty());
+        }
+
+        #[test]
+        fn flatten_keeps_totals(a in arb_resources()) {
+            let f = a.flatten();
+            for name in ["cpus", "mem", "disk"] {
+                prop_assert_eq!(f.scalar_milli(name), a.scalar_milli(name));
+            }
+            prop_assert_eq!(f.ranges("ports"), a.ranges("ports"));
+            prop_assert!(f.reservation_roles().is_empty());
+        }
+
+        #[test]
+        fn reserved_plus_unreserved_is_the_whole(a in arb_resources()) {
+            let mut parts = a.unreserved();
+            for role in a.reservation_roles() {
+                parts.add(&a.reserved_for(role));
+            }
+            prop_assert_eq!(parts, a);
+        }
+
+        #[test]
+        fn parse_never_panics(s in ".{0,40}") {
+            let _ = Resources::parse(&s);
+        }
+    }
+}
