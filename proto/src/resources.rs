@@ -128,18 +128,6 @@ impl Resources {
         all
     }
 
-    /// Names of the scalar resources present.
-    pub fn scalar_names(&self) -> impl Iterator<Item = &str> {
-        let mut last = None;
-        self.entries.iter().filter_map(move |e| {
-            let is_new = matches!(e.value, Value::Scalar(_)) && last != Some(e.name.as_str());
-            if matches!(e.value, Value::Scalar(_)) {
-                last = Some(e.name.as_str());
-            }
-            is_new.then_some(e.name.as_str())
-        })
-    }
-
     /// The roles these resources are reserved for (without duplicates).
     pub fn reservation_roles(&self) -> Vec<&str> {
         let mut roles: Vec<&str> = self.entries.iter().filter_map(|e| e.role.as_deref()).collect();
@@ -212,6 +200,22 @@ impl Resources {
                 }
             }
         }
+    }
+
+    /// What `self` and `other` have in common: the smaller of each scalar, the overlap of each range list.
+    pub fn intersection(&self, other: &Resources) -> Resources {
+        let mut out = Resources::new();
+        for e in &self.entries {
+            if let Ok(i) = other.find(e.key()) {
+                let value = match (&e.value, &other.entries[i].value) {
+                    (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar(*a.min(b)),
+                    (Value::Ranges(a), Value::Ranges(b)) => Value::Ranges(range_difference(a, &range_difference(a, b))),
+                    _ => continue,
+                };
+                out.add_entry(Entry { value, ..e.clone() });
+            }
+        }
+        out
     }
 
     /// `self + other` as a new value.
@@ -677,6 +681,15 @@ mod tests {
             prop_assert!(a.contains(&a));
             prop_assert!(a.contains(&Resources::new()));
             prop_assert!(a.minus(&a).is_empty());
+        }
+
+        #[test]
+        fn intersection_is_contained_in_both(a in arb_resources(), b in arb_resources()) {
+            let i = a.intersection(&b);
+            prop_assert!(a.contains(&i));
+            prop_assert!(b.contains(&i));
+            prop_assert_eq!(a.intersection(&a), a.clone());
+            prop_assert_eq!(i, b.intersection(&a));
         }
 
         #[test]
