@@ -1,0 +1,582 @@
+//! The agent's event loop: one actor owns the tasks, the status update manager and the master connection.
+//!
+//! * A connection task keeps one `AgentService.Session` stream to a master open, reconnecting with backoff and
+//!   cycling through `--master` addresses; every new stream starts with REGISTER (with the checkpointed agent id
+//!   and every task the agent still has, so a restarted master can rebuild its view).
+//! * Each task gets a supervisor task that starts it through the shim and waits for the shim to exit.
+//! * Status updates go through [`StatusUpdateManager`]: journalled to disk first, then sent, resent until acked.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use corral_proto::v1::{self, agent_message, master_message};
+use corral_proto::v1::{StatusReason, StatusSource, TaskState};
+use corral_proto::{Resources, now_seconds};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::Checkpoint;
+use crate::isolation::Isolator;
+use crate::launcher::Launcher;
+use crate::shim::{self, ExitRecord, ShimSpec};
+use crate::status_update::{AckOutcome, Backoff, StatusUpdateManager, StreamKey};
+
+const MAX_COMPLETED_TASKS: usize = 500;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Master addresses (`host:port`), tried in turn.
+    pub masters: Vec<String>,
+    pub hostname: String,
+    /// The HTTP port this agent serves on (sent to the master).
+    pub port: u16,
+    pub work_dir: PathBuf,
+    pub resources: Resources,
+    pub attributes: Vec<v1::Attribute>,
+    /// Grace between SIGTERM and SIGKILL when a task does not set its own.
+    pub default_kill_grace: Duration,
+    pub update_backoff: Backoff,
+    /// The `corral-agent` binary, run as `shim`.
+    pub agent_exe: PathBuf,
+}
+
+/// Something that happened, for the actor.
+pub enum Event {
+    Connected { conn: u64, tx: mpsc::UnboundedSender<v1::AgentMessage> },
+    Disconnected { conn: u64 },
+    FromMaster { conn: u64, message: v1::MasterMessage },
+    TaskStarted { key: StreamKey, shim_pid: u32, pid: u32 },
+    TaskLaunchFailed { key: StreamKey, message: String },
+    TaskExited { key: StreamKey, record: Option<ExitRecord> },
+    State { reply: oneshot::Sender<serde_json::Value> },
+    /// Kill every task (SIGUSR1: drain before the agent goes away); replies when none is left running.
+    KillAll { reply: oneshot::Sender<()> },
+}
+
+struct TaskRun {
+    framework: v1::FrameworkInfo,
+    info: v1::TaskInfo,
+    state: TaskState,
+    latest: v1::TaskStatus,
+    sandbox: PathBuf,
+    run_dir: PathBuf,
+    shim_pid: Option<u32>,
+    pid: Option<u32>,
+    /// A kill arrived before the task started: (grace override).
+    kill_requested: Option<Option<f64>>,
+    exited: bool,
+}
+
+/// The agent's state. Mutated only by [`Agent::run`].
+pub struct Agent {
+    config: AgentConfig,
+    agent_id: Option<String>,
+    conn: Option<(u64, mpsc::UnboundedSender<v1::AgentMessage>)>,
+    registered: bool,
+    heartbeat: Duration,
+    last_heartbeat: Instant,
+    tasks: BTreeMap<StreamKey, TaskRun>,
+    completed: VecDeque<serde_json::Value>,
+    updates: StatusUpdateManager,
+    checkpoint: Checkpoint,
+    launcher: Launcher,
+    isolator: Arc<dyn Isolator>,
+    events: mpsc::UnboundedSender<Event>,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, isolator: Arc<dyn Isolator>, events: mpsc::UnboundedSender<Event>) -> Self {
+        let checkpoint = Checkpoint::new(&config.work_dir);
+        Agent {
+            agent_id: checkpoint.agent_id(),
+            launcher: Launcher::new(config.work_dir.clone(), config.agent_exe.clone()),
+            updates: StatusUpdateManager::new(config.update_backoff),
+            checkpoint,
+            config,
+            conn: None,
+            registered: false,
+            heartbeat: Duration::from_secs(1),
+            last_heartbeat: Instant::now(),
+            tasks: BTreeMap::new(),
+            completed: VecDeque::new(),
+            isolator,
+            events,
+            drain_waiters: Vec::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                _ = tick.tick() => self.tick(Instant::now()),
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected { conn, tx } => {
+                self.conn = Some((conn, tx));
+                self.registered = false;
+                self.send(agent_message::Message::Register(self.registration()));
+            }
+            Event::Disconnected { conn } => {
+                if self.conn.as_ref().is_some_and(|(c, _)| *c == conn) {
+                    self.conn = None;
+                    self.registered = false;
+                }
+            }
+            Event::FromMaster { conn, message } => {
+                if self.conn.as_ref().is_some_and(|(c, _)| *c == conn)
+                    && let Some(message) = message.message
+                {
+                    self.from_master(message);
+                }
+            }
+            Event::TaskStarted { key, shim_pid, pid } => self.task_started(key, shim_pid, pid),
+            Event::TaskLaunchFailed { key, message } => {
+                warn!(framework = %key.0, task = %key.1, "launch failed: {message}");
+                if let Some(t) = self.tasks.get_mut(&key) {
+                    t.exited = true;
+                }
+                self.cleanup_isolation(&key);
+                self.update(&key, TaskState::TaskFailed, StatusReason::ReasonContainerLaunchFailed, message);
+            }
+            Event::TaskExited { key, record } => self.task_exited(key, record),
+            Event::State { reply } => {
+                let _ = reply.send(self.state_json());
+            }
+            Event::KillAll { reply } => {
+                let keys: Vec<StreamKey> = self.tasks.iter().filter(|(_, t)| !t.exited).map(|(k, _)| k.clone()).collect();
+                for key in keys {
+                    self.kill(&key, None);
+                }
+                self.drain_waiters.push(reply);
+                self.check_drained();
+            }
+        }
+    }
+
+    fn registration(&self) -> v1::RegisterAgent {
+        let mut frameworks: BTreeMap<String, v1::FrameworkInfo> = BTreeMap::new();
+        let mut tasks = Vec::new();
+        let mut statuses = Vec::new();
+        for t in self.tasks.values() {
+            frameworks.insert(t.framework.id.clone(), t.framework.clone());
+            tasks.push(t.info.clone());
+            let mut s = t.latest.clone();
+            s.state = t.state as i32;
+            statuses.push(s);
+        }
+        v1::RegisterAgent {
+            agent_info: Some(v1::AgentInfo {
+                id: self.agent_id.clone().unwrap_or_default(),
+                hostname: self.config.hostname.clone(),
+                port: self.config.port as u32,
+                resources: self.config.resources.to_proto(),
+                attributes: self.config.attributes.clone(),
+                version: corral_proto::VERSION.to_string(),
+            }),
+            tasks,
+            task_statuses: statuses,
+            frameworks: frameworks.into_values().collect(),
+        }
+    }
+
+    fn from_master(&mut self, message: master_message::Message) {
+        use master_message::Message;
+        match message {
+            Message::Registered(r) => {
+                if self.agent_id.as_deref() != Some(r.agent_id.as_str()) {
+                    if let Err(e) = self.checkpoint.save_agent_id(&r.agent_id) {
+                        warn!("cannot checkpoint the agent id: {e}");
+                    }
+                    self.agent_id = Some(r.agent_id.clone());
+                }
+                if r.heartbeat_interval_seconds.is_finite() && r.heartbeat_interval_seconds > 0.0 {
+                    self.heartbeat = Duration::from_secs_f64(r.heartbeat_interval_seconds.clamp(0.05, 60.0));
+                }
+                self.registered = true;
+                info!(agent = %r.agent_id, "registered with the master");
+                for s in self.updates.resend_all(Instant::now()) {
+                    self.send(agent_message::Message::StatusUpdate(s));
+                }
+            }
+            Message::RunTask(run) => self.run_task(run),
+            Message::KillTask(k) => {
+                let key = (k.framework_id.clone(), k.task_id.clone());
+                if self.tasks.contains_key(&key) {
+                    self.kill(&key, k.kill_grace_period_seconds);
+                } else {
+                    // The master believes in a task this agent does not have.
+                    let status = self.status_for(&key, TaskState::TaskLost, StatusReason::ReasonTaskUnknown,
+                        format!("task {} is not known to this agent", k.task_id));
+                    self.deliver(&key, status, None);
+                }
+            }
+            Message::Acknowledge(a) => self.acknowledge(a),
+            Message::Shutdown(s) => warn!("master asked this agent to shut down: {}", s.message),
+        }
+    }
+
+    fn run_task(&mut self, run: master_message::RunTask) {
+        let (Some(framework), Some(info)) = (run.framework, run.task) else {
+            warn!("RUN_TASK without framework or task; ignored");
+            return;
+        };
+        let (Ok(fid), Ok(tid)) = (
+            corral_proto::FrameworkId::new(framework.id.clone()),
+            corral_proto::TaskId::new(info.task_id.clone()),
+        ) else {
+            warn!("RUN_TASK with an invalid framework or task id; ignored");
+            return;
+        };
+        let key: StreamKey = (fid.to_string(), tid.to_string());
+        if self.tasks.contains_key(&key) {
+            warn!(task = %tid, "RUN_TASK for a task that already exists; ignored");
+            return;
+        }
+        let sandbox = self.launcher.sandbox_dir(fid.as_str(), tid.as_str());
+        let run_dir = self.launcher.run_dir(fid.as_str(), tid.as_str());
+        let placeholder = self.status_for(&key, TaskState::TaskStaging, StatusReason::ReasonUnspecified, String::new());
+        self.tasks.insert(
+            key.clone(),
+            TaskRun {
+                framework: framework.clone(),
+                info: info.clone(),
+                state: TaskState::TaskStaging,
+                latest: placeholder,
+                sandbox: sandbox.clone(),
+                run_dir: run_dir.clone(),
+                shim_pid: None,
+                pid: None,
+                kill_requested: None,
+                exited: false,
+            },
+        );
+        if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info) {
+            warn!(task = %tid, "cannot checkpoint the task: {e}");
+        }
+        self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());
+
+        let resources = Resources::from_proto(&info.resources).unwrap_or_default();
+        if let Err(e) = self.isolator.prepare(&format!("{}/{}", key.0, key.1), &resources) {
+            let _ = self.events.send(Event::TaskLaunchFailed { key, message: e.to_string() });
+            return;
+        }
+        let spec = self.shim_spec(&fid, &info, &sandbox, &resources);
+        let launcher = self.launcher.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            match launcher.launch(&run_dir, &spec).await {
+                Ok(mut started) => {
+                    let shim_pid = started.shim.id().unwrap_or(0);
+                    let _ = events.send(Event::TaskStarted { key: key.clone(), shim_pid, pid: started.pid });
+                    let _ = started.shim.wait().await;
+                    let record = launcher.exit_record(&run_dir);
+                    let _ = events.send(Event::TaskExited { key, record });
+                }
+                Err(e) => {
+                    let _ = events.send(Event::TaskLaunchFailed { key, message: format!("{e:#}") });
+                }
+            }
+        });
+    }
+
+    fn shim_spec(&self, fid: &corral_proto::FrameworkId, info: &v1::TaskInfo, sandbox: &std::path::Path, resources: &Resources) -> ShimSpec {
+        let command = info.command.clone().unwrap_or_default();
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()));
+        if let Ok(lang) = std::env::var("LANG") {
+            env.insert("LANG".into(), lang);
+        }
+        env.insert("HOME".into(), sandbox.display().to_string());
+        env.insert("CORRAL_TASK_ID".into(), info.task_id.clone());
+        env.insert("CORRAL_TASK_NAME".into(), info.name.clone());
+        env.insert("CORRAL_FRAMEWORK_ID".into(), fid.to_string());
+        env.insert("CORRAL_SANDBOX".into(), sandbox.display().to_string());
+        env.insert("CORRAL_AGENT_HOST".into(), self.config.hostname.clone());
+        env.insert("CORRAL_AGENT_ID".into(), self.agent_id.clone().unwrap_or_default());
+        let ports: Vec<u64> = resources.ranges("ports").into_iter().flat_map(|(b, e)| b..=e).take(100).collect();
+        for (i, port) in ports.iter().enumerate() {
+            env.insert(format!("PORT{i}"), port.to_string());
+        }
+        if let Some(first) = ports.first() {
+            env.insert("PORT".into(), first.to_string());
+        }
+        env.insert("PORTS".into(), ports.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+        env.extend(command.environment.clone());
+        ShimSpec {
+            shell: command.shell || command.arguments.is_empty(),
+            value: command.value,
+            arguments: command.arguments,
+            env,
+            sandbox: sandbox.to_path_buf(),
+            grace_seconds: self.grace(info, None).as_secs_f64(),
+        }
+    }
+
+    fn grace(&self, info: &v1::TaskInfo, overridden: Option<f64>) -> Duration {
+        let secs = overridden
+            .filter(|g| g.is_finite() && *g >= 0.0)
+            .or(Some(info.kill_grace_period_seconds).filter(|g| g.is_finite() && *g > 0.0))
+            .unwrap_or(self.config.default_kill_grace.as_secs_f64());
+        Duration::from_secs_f64(secs.min(3600.0))
+    }
+
+    fn task_started(&mut self, key: StreamKey, shim_pid: u32, pid: u32) {
+        let Some(t) = self.tasks.get_mut(&key) else { return };
+        t.shim_pid = Some(shim_pid);
+        t.pid = Some(pid);
+        let pending_kill = t.kill_requested.take();
+        self.update(&key, TaskState::TaskRunning, StatusReason::ReasonUnspecified, format!("task started with pid {pid}"));
+        if let Some(grace) = pending_kill {
+            self.kill(&key, grace);
+        }
+    }
+
+    fn task_exited(&mut self, key: StreamKey, record: Option<ExitRecord>) {
+        let Some(t) = self.tasks.get_mut(&key) else { return };
+        t.exited = true;
+        let killing = t.state == TaskState::TaskKilling;
+        self.cleanup_isolation(&key);
+        let (state, reason, message) = match &record {
+            None => (
+                TaskState::TaskFailed,
+                StatusReason::ReasonCommandExecutorFailed,
+                "the task's shim died without recording an exit status".to_string(),
+            ),
+            Some(r) if r.killed || killing => (TaskState::TaskKilled, StatusReason::ReasonKilledByRequest, shim::describe(r)),
+            Some(r) if r.code == Some(0) => (TaskState::TaskFinished, StatusReason::ReasonUnspecified, shim::describe(r)),
+            Some(r) => (TaskState::TaskFailed, StatusReason::ReasonCommandExecutorFailed, shim::describe(r)),
+        };
+        info!(framework = %key.0, task = %key.1, state = state.name(), "{message}");
+        self.update(&key, state, reason, message);
+        self.check_drained();
+    }
+
+    fn cleanup_isolation(&self, key: &StreamKey) {
+        if let Err(e) = self.isolator.cleanup(&format!("{}/{}", key.0, key.1)) {
+            warn!(task = %key.1, "isolation cleanup failed: {e}");
+        }
+    }
+
+    fn kill(&mut self, key: &StreamKey, grace_override: Option<f64>) {
+        let Some(t) = self.tasks.get(key) else { return };
+        if t.exited || t.state.is_terminal() {
+            return;
+        }
+        let grace = self.grace(&t.info, grace_override);
+        let (shim_pid, run_dir) = (t.shim_pid, t.run_dir.clone());
+        if t.state != TaskState::TaskKilling {
+            self.update(key, TaskState::TaskKilling, StatusReason::ReasonKilledByRequest, format!("killing with a {grace:?} grace period"));
+        }
+        match shim_pid {
+            Some(pid) => {
+                if let Err(e) = self.launcher.kill(&run_dir, pid, grace) {
+                    warn!(task = %key.1, "kill failed: {e:#}");
+                }
+            }
+            None => {
+                if let Some(t) = self.tasks.get_mut(key) {
+                    t.kill_requested = Some(grace_override);
+                }
+            }
+        }
+    }
+
+    fn acknowledge(&mut self, a: master_message::Acknowledge) {
+        let key: StreamKey = (a.framework_id, a.task_id);
+        let outcome = self.updates.acknowledge(&key, &a.uuid, Instant::now());
+        if outcome == AckOutcome::Ignored {
+            debug!(task = %key.1, "stale acknowledgement ignored");
+            return;
+        }
+        if let Some(t) = self.tasks.get(&key)
+            && let Err(e) = self.checkpoint.journal_ack(&t.run_dir, &a.uuid)
+        {
+            warn!(task = %key.1, "cannot journal an acknowledgement: {e}");
+        }
+        match outcome {
+            AckOutcome::Next(Some(next)) => self.send(agent_message::Message::StatusUpdate(next)),
+            AckOutcome::Finished => {
+                self.updates.remove(&key);
+                if let Some(t) = self.tasks.remove(&key) {
+                    let summary = self.task_json(&key, &t);
+                    if self.completed.len() >= MAX_COMPLETED_TASKS {
+                        self.completed.pop_front();
+                    }
+                    self.completed.push_back(summary);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn status_for(&self, key: &StreamKey, state: TaskState, reason: StatusReason, message: String) -> v1::TaskStatus {
+        v1::TaskStatus {
+            task_id: key.1.clone(),
+            state: state as i32,
+            agent_id: self.agent_id.clone().unwrap_or_default(),
+            source: StatusSource::SourceAgent as i32,
+            reason: reason as i32,
+            message,
+            uuid: uuid::Uuid::new_v4().as_bytes().to_vec(),
+            timestamp: now_seconds(),
+            healthy: None,
+            framework_id: key.0.clone(),
+        }
+    }
+
+    /// Records a new state for a task and delivers the update reliably.
+    fn update(&mut self, key: &StreamKey, state: TaskState, reason: StatusReason, message: String) {
+        let status = self.status_for(key, state, reason, message);
+        let run_dir = match self.tasks.get_mut(key) {
+            Some(t) => {
+                t.state = state;
+                t.latest = status.clone();
+                Some(t.run_dir.clone())
+            }
+            None => None,
+        };
+        self.deliver(key, status, run_dir);
+    }
+
+    fn deliver(&mut self, key: &StreamKey, status: v1::TaskStatus, run_dir: Option<PathBuf>) {
+        if let Some(run_dir) = run_dir
+            && let Err(e) = self.checkpoint.journal_update(&run_dir, &status)
+        {
+            warn!(task = %key.1, "cannot journal a status update: {e}");
+        }
+        let connected = self.registered;
+        if let Some(now) = self.updates.update(status, Instant::now(), connected) {
+            self.send(agent_message::Message::StatusUpdate(now));
+        }
+    }
+
+    fn send(&self, message: agent_message::Message) {
+        if let Some((_, tx)) = &self.conn {
+            let _ = tx.send(v1::AgentMessage { message: Some(message) });
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if !self.registered {
+            return;
+        }
+        if now.duration_since(self.last_heartbeat) >= self.heartbeat {
+            self.last_heartbeat = now;
+            self.send(agent_message::Message::Heartbeat(agent_message::Heartbeat {}));
+        }
+        for s in self.updates.due(now) {
+            debug!(task = %s.task_id, "resending unacknowledged status update");
+            self.send(agent_message::Message::StatusUpdate(s));
+        }
+    }
+
+    fn check_drained(&mut self) {
+        if self.tasks.values().all(|t| t.exited) {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn task_json(&self, key: &StreamKey, t: &TaskRun) -> serde_json::Value {
+        json!({
+            "id": key.1,
+            "framework_id": key.0,
+            "name": t.info.name,
+            "state": t.state.name(),
+            "sandbox": t.sandbox.display().to_string(),
+            "pid": t.pid,
+            "resources": Resources::from_proto(&t.info.resources).unwrap_or_default().to_json_summary(),
+            "message": t.latest.message,
+            "pending_updates": self.updates.pending(key),
+        })
+    }
+
+    fn state_json(&self) -> serde_json::Value {
+        let attributes: serde_json::Map<String, serde_json::Value> =
+            self.config.attributes.iter().map(|a| (a.name.clone(), json!(a.value))).collect();
+        json!({
+            "id": self.agent_id,
+            "hostname": self.config.hostname,
+            "port": self.config.port,
+            "version": corral_proto::VERSION,
+            "master": self.config.masters.join(","),
+            "registered": self.registered,
+            "work_dir": self.config.work_dir.display().to_string(),
+            "isolation": self.isolator.name(),
+            "resources": self.config.resources.to_json_summary(),
+            "resources_text": self.config.resources.to_string(),
+            "attributes": attributes,
+            "tasks": self.tasks.iter().map(|(k, t)| self.task_json(k, t)).collect::<Vec<_>>(),
+            "completed_tasks": self.completed,
+        })
+    }
+}
+
+/// Keeps a session with a master open for as long as the agent runs.
+pub async fn connect_loop(masters: Vec<String>, events: mpsc::UnboundedSender<Event>) {
+    use corral_proto::v1::agent_service_client::AgentServiceClient;
+    let mut conn = 0u64;
+    let mut attempt = 0usize;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let addr = &masters[attempt % masters.len()];
+        attempt += 1;
+        match AgentServiceClient::connect(format!("http://{addr}")).await {
+            Ok(mut client) => {
+                conn += 1;
+                let (tx, rx) = mpsc::unbounded_channel();
+                if events.send(Event::Connected { conn, tx }).is_err() {
+                    return;
+                }
+                match client.session(UnboundedReceiverStream::new(rx)).await {
+                    Ok(response) => {
+                        backoff = Duration::from_millis(100);
+                        let mut inbound = response.into_inner();
+                        loop {
+                            match inbound.next().await {
+                                Some(Ok(message)) => {
+                                    if events.send(Event::FromMaster { conn, message }).is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(Err(status)) => {
+                                    warn!(master = %addr, "session ended: {}", status.message());
+                                    break;
+                                }
+                                None => {
+                                    info!(master = %addr, "master closed the session");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(status) => warn!(master = %addr, "session refused: {}", status.message()),
+                }
+                let _ = events.send(Event::Disconnected { conn });
+            }
+            Err(e) => debug!(master = %addr, "cannot connect: {e}"),
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

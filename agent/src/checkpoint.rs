@@ -1,0 +1,113 @@
+//! What the agent writes to disk so that it can recover: its agent id, and per task the task and framework info
+//! and a journal of status updates and acknowledgements (`updates.jsonl`, fsynced before an update is sent).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use corral_proto::v1;
+use serde::{Deserialize, Serialize};
+
+/// One journal line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalEntry {
+    /// A status update, protobuf-encoded then hex.
+    Update(String),
+    /// An acknowledged update's uuid, hex.
+    Ack(String),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Files under `<work-dir>/meta`.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    meta: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn new(work_dir: &Path) -> Self {
+        Checkpoint { meta: work_dir.join("meta") }
+    }
+
+    fn agent_id_path(&self) -> PathBuf {
+        self.meta.join("agent_id")
+    }
+
+    /// The agent id assigned by the master, if this work dir had one.
+    pub fn agent_id(&self) -> Option<String> {
+        let id = std::fs::read_to_string(self.agent_id_path()).ok()?;
+        let id = id.trim().to_string();
+        corral_proto::AgentId::new(id.clone()).ok().map(|_| id)
+    }
+
+    pub fn save_agent_id(&self, id: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.meta)?;
+        let tmp = self.agent_id_path().with_extension("tmp");
+        std::fs::write(&tmp, id)?;
+        std::fs::rename(tmp, self.agent_id_path())
+    }
+
+    /// Saves what is needed to describe the task after a restart.
+    pub fn save_task(&self, run_dir: &Path, framework: &v1::FrameworkInfo, task: &v1::TaskInfo) -> std::io::Result<()> {
+        use prost::Message;
+        std::fs::create_dir_all(run_dir)?;
+        std::fs::write(run_dir.join("framework.pb"), framework.encode_to_vec())?;
+        std::fs::write(run_dir.join("task.pb"), task.encode_to_vec())
+    }
+
+    /// Appends an update to the task's journal and syncs it before the update may be sent.
+    pub fn journal_update(&self, run_dir: &Path, status: &v1::TaskStatus) -> std::io::Result<()> {
+        use prost::Message;
+        self.append(run_dir, &JournalEntry::Update(hex(&status.encode_to_vec())), true)
+    }
+
+    /// Records an acknowledgement (not synced: losing it only causes one harmless resend).
+    pub fn journal_ack(&self, run_dir: &Path, uuid: &[u8]) -> std::io::Result<()> {
+        self.append(run_dir, &JournalEntry::Ack(hex(uuid)), false)
+    }
+
+    fn append(&self, run_dir: &Path, entry: &JournalEntry, sync: bool) -> std::io::Result<()> {
+        std::fs::create_dir_all(run_dir)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("updates.jsonl"))?;
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        if sync {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_id_round_trips_and_bad_ids_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoint::new(dir.path());
+        assert_eq!(c.agent_id(), None);
+        c.save_agent_id("agent-1").unwrap();
+        assert_eq!(c.agent_id().as_deref(), Some("agent-1"));
+        std::fs::write(dir.path().join("meta/agent_id"), "../evil").unwrap();
+        assert_eq!(c.agent_id(), None);
+    }
+
+    #[test]
+    fn journal_appends_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoint::new(dir.path());
+        let run = dir.path().join("run");
+        let s = v1::TaskStatus { task_id: "t".into(), uuid: vec![1, 2], ..Default::default() };
+        c.journal_update(&run, &s).unwrap();
+        c.journal_ack(&run, &[1, 2]).unwrap();
+        let text = std::fs::read_to_string(run.join("updates.jsonl")).unwrap();
+        let lines: Vec<JournalEntry> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(&lines[1], JournalEntry::Ack(u) if u == "0102"));
+        assert!(matches!(&lines[0], JournalEntry::Update(_)));
+    }
+}

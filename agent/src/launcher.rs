@@ -1,0 +1,93 @@
+//! Starting and stopping tasks through the shim. Owns the on-disk layout of a task:
+//! `<work-dir>/sandboxes/<framework>/<task>/` (the task's cwd with `stdout` and `stderr`) and
+//! `<work-dir>/meta/tasks/<framework>/<task>/` (shim spec, pid, exit record, checkpointed updates).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
+
+use crate::shim::{self, ExitRecord, KillRequest, ShimSpec};
+
+/// A started task: its shim (our child) and the task's pid.
+pub struct Started {
+    pub shim: tokio::process::Child,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    work_dir: PathBuf,
+    agent_exe: PathBuf,
+}
+
+impl Launcher {
+    pub fn new(work_dir: PathBuf, agent_exe: PathBuf) -> Self {
+        Launcher { work_dir, agent_exe }
+    }
+
+    pub fn sandbox_dir(&self, framework_id: &str, task_id: &str) -> PathBuf {
+        self.work_dir.join("sandboxes").join(framework_id).join(task_id)
+    }
+
+    pub fn run_dir(&self, framework_id: &str, task_id: &str) -> PathBuf {
+        self.work_dir.join("meta").join("tasks").join(framework_id).join(task_id)
+    }
+
+    /// Creates the sandbox and run dir, starts the shim and waits for it to report the task's pid.
+    pub async fn launch(&self, run_dir: &Path, spec: &ShimSpec) -> anyhow::Result<Started> {
+        std::fs::create_dir_all(&spec.sandbox)
+            .with_context(|| format!("cannot create sandbox {}", spec.sandbox.display()))?;
+        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+        shim::write_json_atomic(&run_dir.join(shim::SPEC), spec).context("cannot write the shim spec")?;
+        let log = std::fs::File::create(run_dir.join("shim.log")).context("cannot create shim.log")?;
+        let mut child = tokio::process::Command::new(&self.agent_exe)
+            .arg("shim")
+            .arg("--run-dir")
+            .arg(run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Its own process group: signals aimed at the agent's group (Ctrl-C, systemd) do not reach tasks.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .with_context(|| format!("cannot start the shim {}", self.agent_exe.display()))?;
+        let stdout = child.stdout.take().context("shim stdout")?;
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(stdout);
+        let read = reader.read_line(&mut line);
+        match tokio::time::timeout(Duration::from_secs(30), read).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => {
+                let _ = child.wait().await;
+                let log = std::fs::read_to_string(run_dir.join("shim.log")).unwrap_or_default();
+                return Err(anyhow!("the shim exited before starting the task: {}", log.trim()));
+            }
+            Err(_) => return Err(anyhow!("the shim did not report within 30 s")),
+        }
+        let line = line.trim();
+        if let Some(pid) = line.strip_prefix("RUNNING ") {
+            let pid = pid.parse().with_context(|| format!("bad shim report {line:?}"))?;
+            Ok(Started { shim: child, pid })
+        } else {
+            let _ = child.wait().await;
+            Err(anyhow!("{}", line.strip_prefix("FAILED ").unwrap_or(line)))
+        }
+    }
+
+    /// Asks the shim to kill the task: SIGTERM to its process group, SIGKILL after `grace`.
+    pub fn kill(&self, run_dir: &Path, shim_pid: u32, grace: Duration) -> anyhow::Result<()> {
+        shim::write_json_atomic(&run_dir.join(shim::KILL), &KillRequest { grace_seconds: grace.as_secs_f64() })?;
+        kill(Pid::from_raw(shim_pid as i32), Signal::SIGTERM).with_context(|| format!("cannot signal shim {shim_pid}"))
+    }
+
+    /// The task's exit record, once the shim wrote it.
+    pub fn exit_record(&self, run_dir: &Path) -> Option<ExitRecord> {
+        shim::read_json(&run_dir.join(shim::EXIT))
+    }
+}

@@ -1,0 +1,147 @@
+//! `corral-agent`: the node daemon, and (`corral-agent shim`) the per-task shim it starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use corral_agent::agent::{Agent, AgentConfig, Event, connect_loop};
+use corral_agent::status_update::Backoff;
+use corral_agent::{detect, http, isolation, shim};
+use tokio::sync::{mpsc, oneshot};
+
+/// corral agent: offers this node's resources to the cluster and runs tasks.
+#[derive(Debug, Parser)]
+#[command(name = "corral-agent", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Option<Args>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Internal: supervise one task (started by the agent, not by hand).
+    Shim {
+        #[arg(long)]
+        run_dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
+    /// Master address(es): host:port[,host:port...].
+    #[arg(long, env = "CORRAL_MASTER")]
+    master: String,
+    /// Address to serve HTTP (state, sandbox files) on.
+    #[arg(long, env = "CORRAL_IP", default_value = "0.0.0.0")]
+    ip: std::net::IpAddr,
+    /// HTTP port (0 picks a free one).
+    #[arg(long, env = "CORRAL_PORT", default_value_t = 5051)]
+    port: u16,
+    /// Name or IP the master and CLI reach this agent at (default: --ip if set, else the host name).
+    #[arg(long, env = "CORRAL_HOSTNAME")]
+    hostname: Option<String>,
+    /// Directory for sandboxes and checkpoints.
+    #[arg(long, env = "CORRAL_WORK_DIR")]
+    work_dir: std::path::PathBuf,
+    /// Resources to offer, e.g. "cpus:4;mem:4096;ports:[31000-32000]"; what is left out is detected.
+    #[arg(long, env = "CORRAL_RESOURCES")]
+    resources: Option<String>,
+    /// Attributes, e.g. "rack:r1;zone:a".
+    #[arg(long, env = "CORRAL_ATTRIBUTES", default_value = "")]
+    attributes: String,
+    /// Task isolation: none (cgroups arrive with the isolation work).
+    #[arg(long, env = "CORRAL_ISOLATION", default_value = "none")]
+    isolation: String,
+    /// Grace period between SIGTERM and SIGKILL for tasks that do not set one.
+    #[arg(long, env = "CORRAL_KILL_GRACE_PERIOD", default_value = "3s", value_parser = humantime::parse_duration)]
+    default_kill_grace_period: Duration,
+    /// First resend interval for unacknowledged status updates (doubles up to 1 min).
+    #[arg(long, env = "CORRAL_STATUS_UPDATE_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
+    status_update_retry: Duration,
+    /// Log format.
+    #[arg(long, env = "CORRAL_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" { builder.json().init() } else { builder.init() }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match (cli.command, cli.args) {
+        (Some(Command::Shim { run_dir }), _) => shim::run(&run_dir),
+        (None, Some(args)) => tokio::runtime::Runtime::new()?.block_on(agent_main(args)),
+        (None, None) => unreachable!("clap requires --master and --work-dir without a subcommand"),
+    }
+}
+
+async fn agent_main(args: Args) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let masters: Vec<String> = args.master.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    anyhow::ensure!(!masters.is_empty(), "--master must name at least one host:port");
+    for m in &masters {
+        anyhow::ensure!(m.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()), "--master: {m:?} is not host:port");
+    }
+    std::fs::create_dir_all(&args.work_dir).with_context(|| format!("cannot create --work-dir {}", args.work_dir.display()))?;
+    let work_dir = args.work_dir.canonicalize()?;
+    let resources = detect::resources(args.resources.as_deref(), &work_dir).context("--resources")?;
+    let attributes = detect::attributes(&args.attributes).map_err(anyhow::Error::msg).context("--attributes")?;
+    let isolator: Arc<dyn isolation::Isolator> = isolation::by_name(&args.isolation).context("--isolation")?.into();
+    let listener = tokio::net::TcpListener::bind((args.ip, args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.ip, args.port))?;
+    let port = listener.local_addr()?.port();
+    let hostname = args.hostname.clone().unwrap_or_else(|| {
+        if args.ip.is_unspecified() {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        } else {
+            args.ip.to_string()
+        }
+    });
+    let config = AgentConfig {
+        masters: masters.clone(),
+        hostname,
+        port,
+        work_dir: work_dir.clone(),
+        resources,
+        attributes,
+        default_kill_grace: args.default_kill_grace_period,
+        update_backoff: Backoff { initial: args.status_update_retry, max: Duration::from_secs(60) },
+        agent_exe: std::env::current_exe().context("cannot find the corral-agent binary for the shim")?,
+    };
+    tracing::info!(port, resources = %config.resources, masters = ?masters, "corral-agent {} starting", corral_proto::VERSION);
+    let (events, rx) = mpsc::unbounded_channel();
+    let agent = Agent::new(config, isolator, events.clone());
+    let actor = tokio::spawn(agent.run(rx));
+    tokio::spawn(connect_loop(masters, events.clone()));
+    let app = http::router(events.clone(), &work_dir);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    tokio::select! {
+        // SIGTERM / Ctrl-C: the agent exits; tasks keep running under their shims (re-attached on restart).
+        _ = term.recv() => tracing::info!("SIGTERM: exiting, tasks keep running"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: exiting, tasks keep running"),
+        // SIGUSR1: kill every task first (decommissioning a node, or `corral dev up` cleaning up).
+        _ = usr1.recv() => {
+            tracing::info!("SIGUSR1: killing all tasks before exiting");
+            let (reply, done) = oneshot::channel();
+            let _ = events.send(Event::KillAll { reply });
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+            // Give the final status updates a moment to reach the master.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    server.abort();
+    actor.abort();
+    Ok(())
+}
