@@ -153,11 +153,23 @@ impl Resources {
 
     /// The same resources with every reservation dropped.
     pub fn flatten(&self) -> Resources {
+        self.with_role(None)
+    }
+
+    /// The same resources, all reserved for `role` (or all unreserved with `None`).
+    pub fn with_role(&self, role: Option<&str>) -> Resources {
         let mut out = Resources::new();
         for e in &self.entries {
-            out.add_entry(Entry { role: None, ..e.clone() });
+            out.add_entry(Entry { role: role.map(str::to_string), ..e.clone() });
         }
         out
+    }
+
+    /// A range resource (e.g. `ports`) holding `ranges`, unreserved.
+    pub fn ranges_of(name: &str, ranges: &[(u64, u64)]) -> Resources {
+        let mut r = Resources::new();
+        r.add_entry(Entry { name: name.into(), role: None, value: Value::Ranges(range_union(&[], ranges)) });
+        r
     }
 
     fn filter(&self, keep: impl Fn(&Entry) -> bool) -> Resources {
