@@ -1,0 +1,227 @@
+//! `corral execute`: a tiny framework that runs a command as one or more tasks and waits for them, like
+//! `mesos-execute`. Exit status 0 only when every instance FINISHED.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use corral_sdk::{Driver, OfferPool, Resources, Scheduler, SchedulerDriver, TaskBuilder, TaskState, async_trait, v1};
+
+use crate::client::Masters;
+
+#[derive(Debug, clap::Args)]
+pub struct ExecuteArgs {
+    /// Task name; also the task id (with -N appended per instance when --instances > 1).
+    #[arg(long)]
+    name: String,
+    /// Shell command to run.
+    #[arg(long)]
+    command: String,
+    /// Resources per instance.
+    #[arg(long, default_value = "cpus:0.1;mem:32")]
+    resources: String,
+    /// Number of instances.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    instances: u32,
+    /// Role to run in.
+    #[arg(long, default_value = "*")]
+    role: String,
+    /// Environment for the task, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Seconds between SIGTERM and SIGKILL when the task is killed.
+    #[arg(long)]
+    kill_grace_period: Option<f64>,
+    /// Give up (and kill what runs) after this long, e.g. 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Latest (state, message) per task id, shared with `run` for the exit code.
+type States = Arc<Mutex<BTreeMap<String, (TaskState, String)>>>;
+
+struct Execute {
+    pending: Vec<v1::TaskInfo>,
+    need: Resources,
+    states: States,
+    total: usize,
+    json: bool,
+    waiting_since: Instant,
+    warned: bool,
+}
+
+#[async_trait]
+impl Scheduler for Execute {
+    async fn registered(&mut self, _driver: &Driver, framework_id: &str, master: &str) {
+        if !self.json {
+            eprintln!("subscribed to {master} as framework {framework_id}");
+        }
+    }
+
+    async fn offers(&mut self, driver: &Driver, offers: Vec<v1::Offer>) {
+        for offer in offers {
+            let Ok(mut pool) = OfferPool::new(&offer) else { continue };
+            let mut tasks = Vec::new();
+            while let Some(template) = self.pending.last() {
+                let Some(resources) = pool.take(&self.need, 0) else { break };
+                let mut task = template.clone();
+                task.resources = resources.to_proto();
+                tasks.push(task);
+                self.pending.pop();
+            }
+            let result = if tasks.is_empty() {
+                driver.decline(&[offer.id.clone()], Some(if self.pending.is_empty() { 3600.0 } else { 1.0 })).await
+            } else {
+                for t in &tasks {
+                    self.report(&t.task_id, TaskState::TaskStaging, &format!("on {}", offer.hostname));
+                }
+                driver.launch_with(&offer, tasks, Some(if self.pending.is_empty() { 3600.0 } else { 0.0 })).await
+            };
+            if let Err(e) = result {
+                eprintln!("offer {}: {e}", offer.id);
+            }
+        }
+        if self.pending.is_empty() {
+            let _ = driver.suppress(Vec::new()).await;
+        } else if !self.warned && self.waiting_since.elapsed() > Duration::from_secs(5) {
+            self.warned = true;
+            eprintln!("still waiting for offers that fit {} ({} instance(s) left)", self.need, self.pending.len());
+        }
+    }
+
+    async fn status_update(&mut self, driver: &Driver, status: &v1::TaskStatus) {
+        let state = corral_sdk::state_of(status);
+        if self.states.lock().expect("lock").get(&status.task_id).is_some_and(|(s, _)| s.is_terminal()) {
+            return;
+        }
+        self.report(&status.task_id, state, &status.message);
+        let done = {
+            let states = self.states.lock().expect("lock");
+            states.len() == self.total && states.values().all(|(s, _)| s.is_terminal())
+        };
+        if done {
+            let _ = driver.teardown().await;
+        }
+    }
+
+    async fn error(&mut self, _driver: &Driver, message: &str) {
+        eprintln!("master: {message}");
+    }
+}
+
+impl Execute {
+    fn report(&mut self, task_id: &str, state: TaskState, message: &str) {
+        let mut states = self.states.lock().expect("lock");
+        if states.get(task_id).is_some_and(|(s, m)| *s == state && m == message) {
+            return;
+        }
+        states.insert(task_id.to_string(), (state, message.to_string()));
+        if self.json {
+            println!("{}", serde_json::json!({"task_id": task_id, "state": state.name(), "message": message}));
+        } else if message.is_empty() {
+            println!("{task_id} {}", state.name());
+        } else {
+            println!("{task_id} {} {message}", state.name());
+        }
+    }
+}
+
+pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Result<i32> {
+    let need = Resources::parse(&args.resources).map_err(|e| anyhow!("--resources: {e}"))?;
+    if need.get_scalar("cpus") <= 0.0 && need.get_scalar("mem") <= 0.0 {
+        return Err(anyhow!("--resources {:?} must include some cpus or mem", args.resources));
+    }
+    if args.role != "*" {
+        corral_proto::resources::validate_role(&args.role).map_err(|e| anyhow!("--role: {e}"))?;
+    }
+    if args.command.trim().is_empty() {
+        return Err(anyhow!("--command must not be empty"));
+    }
+    if let Some(g) = args.kill_grace_period
+        && !(g.is_finite() && g >= 0.0)
+    {
+        return Err(anyhow!("--kill-grace-period must be a non-negative number of seconds"));
+    }
+    let ids: Vec<String> = if args.instances == 1 {
+        vec![args.name.clone()]
+    } else {
+        (0..args.instances).map(|i| format!("{}-{i}", args.name)).collect()
+    };
+    for id in &ids {
+        corral_proto::TaskId::new(id.clone()).map_err(|e| anyhow!("--name: {e}"))?;
+    }
+    let mut pending: Vec<v1::TaskInfo> = ids
+        .iter()
+        .map(|id| {
+            let mut b = TaskBuilder::new(id.clone()).name(args.name.clone()).shell(args.command.clone());
+            for (k, v) in &args.env {
+                b = b.env(k.clone(), v.clone());
+            }
+            if let Some(g) = args.kill_grace_period {
+                b = b.kill_grace_period(g);
+            }
+            b.build()
+        })
+        .collect();
+    pending.reverse();
+    let framework = v1::FrameworkInfo {
+        name: format!("corral-execute ({})", args.name),
+        roles: vec![args.role.clone()],
+        failover_timeout_seconds: 0.0,
+        user: std::env::var("USER").unwrap_or_default(),
+        ..Default::default()
+    };
+    let states: States = Arc::default();
+    let scheduler = Execute {
+        pending,
+        need,
+        states: states.clone(),
+        total: ids.len(),
+        json,
+        waiting_since: Instant::now(),
+        warned: false,
+    };
+    let driver = SchedulerDriver::new(masters.addrs.clone(), framework);
+    let timeout = args.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    tokio::select! {
+        result = driver.run(scheduler) => result.map_err(|e| anyhow!("{e}"))?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: the framework's tasks are killed as it disconnects");
+            return Ok(130);
+        }
+        _ = tokio::time::sleep(timeout) => {
+            eprintln!("timed out after {timeout:?}; the framework's tasks are killed as it disconnects");
+            return Ok(1);
+        }
+    }
+    let states = states.lock().expect("lock").clone();
+    let failed: Vec<_> = states.iter().filter(|(_, (s, _))| *s != TaskState::TaskFinished).collect();
+    if failed.is_empty() && states.len() == ids.len() {
+        return Ok(0);
+    }
+    for (id, (state, message)) in failed {
+        eprintln!("task {id} ended {}: {message}", state.name());
+    }
+    Ok(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("A").is_err());
+        assert!(parse_env("=x").is_err());
+    }
+}
