@@ -79,11 +79,18 @@ async fn read(State(ctx): State<Ctx>, query: Result<Query<ReadQuery>, axum::extr
 
 /// The real path of `path`, if it is a regular file inside `sandboxes`.
 fn resolve(sandboxes: &Path, path: &str) -> Result<PathBuf, (StatusCode, String)> {
-    let not_found = || (StatusCode::NOT_FOUND, format!("no such file: {path}"));
-    let root = sandboxes.canonicalize().map_err(|_| not_found())?;
-    let real = Path::new(path).canonicalize().map_err(|_| not_found())?;
+    let outside = || (StatusCode::FORBIDDEN, format!("{path} is outside the agent's sandboxes"));
+    let root = sandboxes.canonicalize().unwrap_or_else(|_| sandboxes.to_path_buf());
+    let real = match Path::new(path).canonicalize() {
+        Ok(real) => real,
+        // A missing file is "not found" only where a sandbox file could be; elsewhere it is simply refused.
+        Err(_) if Path::new(path).starts_with(&root) && !path.contains("..") => {
+            return Err((StatusCode::NOT_FOUND, format!("no such file: {path}")));
+        }
+        Err(_) => return Err(outside()),
+    };
     if !real.starts_with(&root) {
-        return Err((StatusCode::FORBIDDEN, format!("{path} is outside the agent's sandboxes")));
+        return Err(outside());
     }
     if !real.is_file() {
         return Err((StatusCode::BAD_REQUEST, format!("{path} is not a regular file")));
@@ -125,6 +132,9 @@ mod tests {
         assert_eq!(resolve(&sandboxes, sandboxes.join("fw/t/link").to_str().unwrap()).unwrap_err().0, StatusCode::FORBIDDEN);
         assert_eq!(resolve(&sandboxes, "/etc/passwd").unwrap_err().0, StatusCode::FORBIDDEN);
         assert_eq!(resolve(&sandboxes, sandboxes.join("fw/t").to_str().unwrap()).unwrap_err().0, StatusCode::BAD_REQUEST);
-        assert_eq!(resolve(&sandboxes, "/nope").unwrap_err().0, StatusCode::NOT_FOUND);
+        assert_eq!(resolve(&sandboxes, "/nope").unwrap_err().0, StatusCode::FORBIDDEN);
+        let missing = format!("{}/fw/t/nope", sandboxes.display());
+        assert_eq!(resolve(&sandboxes, &missing).unwrap_err().0, StatusCode::NOT_FOUND);
+        assert_eq!(resolve(&sandboxes, &format!("{}/../nope", sandboxes.display())).unwrap_err().0, StatusCode::FORBIDDEN);
     }
 }

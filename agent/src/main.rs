@@ -90,6 +90,7 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.work_dir).with_context(|| format!("cannot create --work-dir {}", args.work_dir.display()))?;
     let work_dir = args.work_dir.canonicalize()?;
+    std::fs::create_dir_all(work_dir.join("sandboxes")).context("cannot create the sandboxes directory")?;
     let resources = detect::resources(args.resources.as_deref(), &work_dir).context("--resources")?;
     let attributes = detect::attributes(&args.attributes).map_err(anyhow::Error::msg).context("--attributes")?;
     let isolator: Arc<dyn isolation::Isolator> = isolation::by_name(&args.isolation).context("--isolation")?.into();

@@ -1,0 +1,632 @@
+//! System scenarios: real master and agent processes, real task processes, frameworks on the real SDK.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use corral_proto::v1::{self, StatusReason, TaskState};
+use corral_sdk::{OfferPool, Resources, TaskBuilder};
+use corral_tests::{Cluster, ClusterSpec, FrameworkEvent, TestFramework, WAIT};
+use nix::sys::signal::Signal;
+
+fn spec(master_args: &[&str]) -> ClusterSpec {
+    ClusterSpec { master_args: master_args.iter().map(|s| s.to_string()).collect(), ..ClusterSpec::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_runs_and_finishes_with_its_environment_and_sandbox() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let mut pool = OfferPool::new(&offer).unwrap();
+    let res = pool.take(&Resources::parse("cpus:0.5;mem:64").unwrap(), 2).unwrap();
+    let task = TaskBuilder::new("hello")
+        .shell("echo \"id=$CORRAL_TASK_ID port0=$PORT0 ports=$PORTS pwd=$(pwd) sandbox=$CORRAL_SANDBOX\"; echo to-stderr >&2")
+        .resources(&res)
+        .build();
+    fw.driver.launch(&offer, vec![task]).await.unwrap();
+    fw.wait_update("hello", TaskState::TaskStarting).await;
+    fw.wait_update("hello", TaskState::TaskRunning).await;
+    let done = fw.wait_terminal("hello").await;
+    assert_eq!(done.state, TaskState::TaskFinished as i32, "{done:?}");
+    assert!(done.message.contains("status 0"), "{}", done.message);
+
+    let stdout = cluster.sandbox_file(&offer.agent_id, "hello", "stdout").await;
+    let port0 = res.ranges("ports")[0].0;
+    assert!(stdout.contains("id=hello"), "{stdout}");
+    assert!(stdout.contains(&format!("port0={port0} ports={port0},{}", port0 + 1)), "{stdout}");
+    let sandbox = stdout.split("sandbox=").nth(1).unwrap().trim();
+    assert!(stdout.contains(&format!("pwd={sandbox}")), "the task runs in its sandbox: {stdout}");
+    assert!(sandbox.ends_with(&format!("sandboxes/{}/hello", fw.framework_id)), "{sandbox}");
+    assert_eq!(cluster.sandbox_file(&offer.agent_id, "hello", "stderr").await, "to-stderr\n");
+
+    let state = cluster.wait_state("task completed in /state", |s| {
+        Cluster::find_task(s, "hello").is_some_and(|t| t["state"] == "TASK_FINISHED")
+    })
+    .await;
+    let t = Cluster::find_task(&state, "hello").unwrap();
+    let states: Vec<&str> = t["statuses"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_FINISHED"]);
+    // Resources are back in the pool once the task ended.
+    cluster.wait_state("resources returned", |s| s["totals"]["used"]["cpus"] == 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_fails_with_its_exit_code() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    fw.launch_one("bad", "echo failing; exit 7", "cpus:0.1;mem:32").await;
+    let s = fw.wait_terminal("bad").await;
+    assert_eq!(s.state, TaskState::TaskFailed as i32);
+    assert!(s.message.contains("exited with status 7"), "{}", s.message);
+    assert_eq!(s.source, v1::StatusSource::SourceAgent as i32);
+    assert!(!s.uuid.is_empty(), "agent updates carry a uuid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_sends_sigterm_first_then_sigkill_after_the_grace_period() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    // A task that handles SIGTERM gets it and can exit cleanly.
+    let offer = fw
+        .launch_one("polite", "trap 'echo got-sigterm; exit 0' TERM; echo ready; while true; do sleep 0.1; done", "cpus:0.1;mem:32")
+        .await;
+    fw.wait_update("polite", TaskState::TaskRunning).await;
+    let deadline = Instant::now() + WAIT;
+    while !cluster.sandbox_file(&offer.agent_id, "polite", "stdout").await.contains("ready") {
+        assert!(Instant::now() < deadline, "task never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fw.driver.kill("polite", &offer.agent_id, None).await.unwrap();
+    fw.wait_update("polite", TaskState::TaskKilling).await;
+    let s = fw.wait_terminal("polite").await;
+    assert_eq!(s.state, TaskState::TaskKilled as i32, "{s:?}");
+    assert!(cluster.sandbox_file(&offer.agent_id, "polite", "stdout").await.contains("got-sigterm"));
+
+    // A task that ignores SIGTERM is SIGKILLed once its grace period (1 s) is over.
+    let offer = fw.launch_one("stubborn", "trap '' TERM; echo ready; while true; do sleep 0.1; done", "cpus:0.1;mem:32").await;
+    fw.wait_update("stubborn", TaskState::TaskRunning).await;
+    while !cluster.sandbox_file(&offer.agent_id, "stubborn", "stdout").await.contains("ready") {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = Instant::now();
+    fw.driver.kill("stubborn", &offer.agent_id, Some(1.0)).await.unwrap();
+    let s = fw.wait_terminal("stubborn").await;
+    assert_eq!(s.state, TaskState::TaskKilled as i32);
+    assert!(asked.elapsed() >= Duration::from_millis(900), "SIGKILL came before the grace period ended");
+    assert!(s.message.contains("SIGKILL"), "{}", s.message);
+}
+
+/// Keeps launching one `sleep` task per offer (returning the rest at once) and counts the launches.
+fn fill(mut fw: TestFramework, prefix: &'static str, launched: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let need = Resources::parse("cpus:1;mem:512").unwrap();
+        loop {
+            for offer in fw.offers().await {
+                let mut pool = OfferPool::new(&offer).unwrap();
+                match pool.take(&need, 0) {
+                    Some(res) => {
+                        let n = launched.fetch_add(1, Ordering::SeqCst);
+                        let task = TaskBuilder::new(format!("{prefix}-{n}")).shell("sleep 600").resources(&res).build();
+                        fw.driver.launch_with(&offer, vec![task], Some(0.0)).await.unwrap();
+                    }
+                    None => fw.driver.decline(&[offer.id.clone()], Some(600.0)).await.unwrap(),
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_roles_with_weights_one_and_three_share_the_cluster_one_to_three() {
+    let cluster = Cluster::start(ClusterSpec {
+        agents: 2,
+        agent_resources: "cpus:4;mem:2048;disk:1024".into(),
+        master_args: vec!["--weights=light=1,heavy=3".into()],
+        ..ClusterSpec::default()
+    })
+    .await;
+    let light = TestFramework::start(&cluster.master_addr(), TestFramework::info("light", "light", 60.0)).await;
+    let heavy = TestFramework::start(&cluster.master_addr(), TestFramework::info("heavy", "heavy", 60.0)).await;
+    let (l, h) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let fillers = [fill(light, "l", l.clone()), fill(heavy, "h", h.clone())];
+    let state = cluster
+        .wait_state("8 running tasks", |s| {
+            s["frameworks"].as_array().unwrap().iter().flat_map(|f| f["tasks"].as_array().unwrap())
+                .filter(|t| t["state"] == "TASK_RUNNING").count() == 8
+        })
+        .await;
+    for f in fillers {
+        f.abort();
+    }
+    let (l, h) = (l.load(Ordering::SeqCst), h.load(Ordering::SeqCst));
+    assert_eq!((l, h), (2, 6), "8 cpus split 1:3 by weight; state: {state:#}");
+    let roles = state["roles"].as_array().unwrap();
+    let weight = |name: &str| roles.iter().find(|r| r["name"] == name).unwrap()["weight"].as_f64().unwrap();
+    assert_eq!((weight("light"), weight("heavy")), (1.0, 3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decline_with_refuse_seconds_is_honoured_and_revive_clears_it() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let declined = Instant::now();
+    fw.driver.decline(&[offer.id], Some(3.0)).await.unwrap();
+    let offer = fw.offers().await.remove(0);
+    let gap = declined.elapsed();
+    assert!(gap >= Duration::from_millis(2900), "re-offered after {gap:?}, before refuse_seconds (3 s) passed");
+
+    fw.driver.decline(&[offer.id], Some(3600.0)).await.unwrap();
+    assert!(next_offer_within(&mut fw, Duration::from_secs(2)).await.is_none(), "a 1 h filter held");
+    fw.driver.revive(Vec::new()).await.unwrap();
+    assert!(next_offer_within(&mut fw, Duration::from_secs(10)).await.is_some(), "revive clears decline filters");
+}
+
+async fn next_offer_within(fw: &mut TestFramework, t: Duration) -> Option<v1::Offer> {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if let Some(FrameworkEvent::Offers(mut o)) = fw.next(deadline.saturating_duration_since(Instant::now())).await {
+            return Some(o.remove(0));
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offer_timeout_rescinds_unanswered_offers() {
+    let cluster = Cluster::start(spec(&["--offer-timeout=1s"])).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let rescinded = fw
+        .wait_for("rescind", |e| match e {
+            FrameworkEvent::Rescinded(id) => Some(id.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(rescinded, offer.id);
+    // Launching on a rescinded offer drops the task, and the resources come back as a new offer.
+    let task = TaskBuilder::new("late").shell("true").resources(&Resources::parse("cpus:0.1;mem:32").unwrap()).build();
+    fw.driver.launch(&offer, vec![task]).await.unwrap();
+    let s = fw.wait_terminal("late").await;
+    assert_eq!(s.state, TaskState::TaskDropped as i32);
+    assert_eq!(s.reason, StatusReason::ReasonInvalidOffers as i32);
+    assert!(s.message.contains("no longer valid"), "{}", s.message);
+    let again = fw.offers().await.remove(0);
+    assert_ne!(again.id, offer.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framework_resubscribes_with_its_id_and_keeps_its_tasks() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("keeper", "*", 60.0)).await;
+    fw.launch_one("long", "sleep 600", "cpus:0.1;mem:32").await;
+    let running = fw.wait_update("long", TaskState::TaskRunning).await;
+    let id = fw.framework_id.clone();
+    fw.crash();
+    cluster
+        .wait_state("framework disconnected", |s| {
+            s["frameworks"].as_array().unwrap().iter().any(|f| f["id"] == id && f["connected"] == false)
+        })
+        .await;
+    let mut info = TestFramework::info("keeper", "*", 60.0);
+    info.id = id.clone();
+    let mut again = TestFramework::start(&cluster.master_addr(), info).await;
+    assert_eq!(again.framework_id, id);
+    // The SDK reconciles on subscription: the task is reported RUNNING, with reason RECONCILIATION.
+    let s = again.wait_update("long", TaskState::TaskRunning).await;
+    assert_eq!(s.reason, StatusReason::ReasonReconciliation as i32);
+    let state = cluster.state().await;
+    let t = Cluster::find_task(&state, "long").unwrap();
+    assert_eq!(t["state"], "TASK_RUNNING");
+    assert!(running.message.contains("pid"), "{}", running.message);
+    // Kill still works through the new subscription.
+    again.driver.kill("long", &running.agent_id, Some(0.0)).await.unwrap();
+    assert_eq!(again.wait_terminal("long").await.state, TaskState::TaskKilled as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framework_gone_past_its_failover_timeout_has_its_tasks_killed() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("brief", "*", 1.0)).await;
+    let offer = fw.launch_one("doomed", "echo $$ > pid; sleep 600", "cpus:0.1;mem:32").await;
+    fw.wait_update("doomed", TaskState::TaskRunning).await;
+    let id = fw.framework_id.clone();
+    let pid: i32 = loop {
+        let text = cluster.sandbox_file(&offer.agent_id, "doomed", "pid").await;
+        if let Ok(p) = text.trim().parse() {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    fw.crash();
+    let state = cluster
+        .wait_state("framework torn down", |s| {
+            s["completed_frameworks"].as_array().unwrap().iter().any(|f| f["id"] == id)
+        })
+        .await;
+    assert!(Cluster::find_task(&state, "doomed").is_some_and(|t| t["state"] == "TASK_KILLED"));
+    let deadline = Instant::now() + WAIT;
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(Instant::now() < deadline, "task process {pid} survived its framework's teardown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A torn-down framework cannot come back under its old id.
+    let mut info = TestFramework::info("brief", "*", 1.0);
+    info.id = id;
+    let err = corral_sdk::SchedulerDriver::new(vec![cluster.master_addr()], info)
+        .run(NoOp)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("torn down"), "{err}");
+}
+
+struct NoOp;
+#[corral_sdk::async_trait]
+impl corral_sdk::Scheduler for NoOp {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_becomes_unreachable_and_comes_back_when_it_reregisters() {
+    let mut cluster = Cluster::start(spec(&["--agent-ping-timeout=1s"])).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.launch_one("stranded", "sleep 600", "cpus:0.1;mem:32").await;
+    fw.wait_update("stranded", TaskState::TaskRunning).await;
+    cluster.agents[0].as_ref().unwrap().signal(Signal::SIGKILL);
+    let s = fw.wait_update("stranded", TaskState::TaskUnreachable).await;
+    assert_eq!(s.reason, StatusReason::ReasonAgentUnreachable as i32);
+    let state = cluster.wait_state("agent unreachable", |s| s["agents"][0]["state"] == "UNREACHABLE").await;
+    assert_eq!(state["totals"]["total"]["cpus"], 0.0, "an unreachable agent's resources leave the pool");
+
+    cluster.start_agent(0);
+    let state = cluster.wait_agents_registered(1).await;
+    assert_eq!(state["agents"][0]["id"], offer.agent_id.as_str(), "the agent keeps its id across restarts");
+    assert_eq!(state["totals"]["total"]["cpus"], 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_restart_with_the_file_registry_keeps_agents_frameworks_and_tasks() {
+    let mut cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("survivor", "*", 60.0)).await;
+    let offer = fw.launch_one("steady", "sleep 600", "cpus:0.5;mem:64").await;
+    fw.wait_update("steady", TaskState::TaskRunning).await;
+    let (_, before) = cluster.agent_get(&offer.agent_id, "/state").await;
+    let pid = before["tasks"][0]["pid"].clone();
+
+    cluster.master.as_ref().unwrap().signal(Signal::SIGKILL);
+    cluster.master.as_mut().unwrap().wait_timeout(WAIT);
+    cluster.start_master().await;
+
+    let id = fw.framework_id.clone();
+    let state = cluster
+        .wait_state("agent re-registered and framework re-subscribed", |s| {
+            s["agents"][0]["state"] == "REGISTERED"
+                && s["frameworks"].as_array().unwrap().iter().any(|f| f["id"] == id && f["connected"] == true)
+        })
+        .await;
+    assert_eq!(state["agents"][0]["id"], offer.agent_id.as_str());
+    let t = Cluster::find_task(&state, "steady").unwrap();
+    assert_eq!(t["state"], "TASK_RUNNING");
+    assert_eq!(state["totals"]["used"]["cpus"], 0.5, "the running task's resources stay accounted");
+    let (_, after) = cluster.agent_get(&offer.agent_id, "/state").await;
+    assert_eq!(after["tasks"][0]["pid"], pid, "the same process kept running");
+    // The framework still controls its task.
+    fw.wait_for("re-subscription", |e| matches!(e, FrameworkEvent::Registered { .. }).then_some(())).await;
+    fw.driver.kill("steady", &offer.agent_id, Some(0.0)).await.unwrap();
+    assert_eq!(fw.wait_terminal("steady").await.state, TaskState::TaskKilled as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_updates_are_retried_and_applied_once() {
+    use corral_proto::v1::scheduler_client::SchedulerClient;
+    use tokio_stream::StreamExt;
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    // A raw framework that acknowledges nothing until told to.
+    let mut client = SchedulerClient::connect(cluster.master_url()).await.unwrap();
+    let info = TestFramework::info("raw", "*", 60.0);
+    let mut events = client.subscribe(v1::SubscribeRequest { framework_info: Some(info) }).await.unwrap().into_inner();
+    let mut header = None;
+    let mut updates: Vec<v1::TaskStatus> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let Ok(Some(Ok(ev))) = tokio::time::timeout(WAIT, events.next()).await else { break };
+        match ev.event {
+            Some(v1::event::Event::Subscribed(s)) => {
+                header = Some(v1::CallHeader { framework_id: s.framework_id, stream_id: s.stream_id });
+            }
+            Some(v1::event::Event::Offers(o)) if updates.is_empty() => {
+                let offer = &o.offers[0];
+                let task = TaskBuilder::new("once").shell("sleep 600").resources(&Resources::parse("cpus:0.1;mem:32").unwrap()).build();
+                let op = v1::Operation { operation: Some(v1::operation::Operation::Launch(v1::operation::Launch { task_infos: vec![task] })) };
+                client
+                    .accept(v1::AcceptRequest { header: header.clone(), offer_ids: vec![offer.id.clone()], operations: vec![op], filters: None })
+                    .await
+                    .unwrap();
+            }
+            Some(v1::event::Event::Update(u)) => {
+                updates.push(u.status.unwrap());
+                // STARTING is never acknowledged: the agent must keep resending it (every 0.5 s, doubling).
+                if updates.len() >= 3 {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(updates.len() >= 3, "updates seen: {updates:?}");
+    assert!(updates.iter().all(|u| u.state == TaskState::TaskStarting as i32), "only the head is in flight: {updates:?}");
+    assert!(updates.windows(2).all(|w| w[0].uuid == w[1].uuid), "retries carry the same uuid");
+    let state = cluster.state().await;
+    let statuses = Cluster::find_task(&state, "once").unwrap()["statuses"].as_array().unwrap().len();
+    assert_eq!(statuses, 2, "STAGING + STARTING once, however often it was resent");
+    // Acknowledge: RUNNING follows.
+    let header = header.unwrap();
+    client
+        .acknowledge(v1::AcknowledgeRequest {
+            header: Some(header.clone()),
+            agent_id: updates[0].agent_id.clone(),
+            task_id: "once".into(),
+            uuid: updates[0].uuid.clone(),
+        })
+        .await
+        .unwrap();
+    loop {
+        let ev = tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap();
+        if let Some(v1::event::Event::Update(u)) = ev.event {
+            let s = u.status.unwrap();
+            if s.state == TaskState::TaskRunning as i32 {
+                break;
+            }
+        }
+    }
+    // A call on another framework's behalf, or from a stale stream, is refused.
+    let forged = v1::CallHeader { framework_id: header.framework_id.clone(), stream_id: "not-the-stream".into() };
+    let err = client
+        .kill(v1::KillRequest { header: Some(forged), task_id: "once".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    client.teardown(v1::TeardownRequest { header: Some(header) }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_launches_get_clear_errors_and_touch_nothing_else() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let small = Resources::parse("cpus:0.1;mem:32").unwrap();
+    let task = |id: &str, res: &Resources| TaskBuilder::new(id).shell("sleep 600").resources(res).build();
+    let mut negative = task("negative", &small);
+    negative.resources[0].scalar = -1.0;
+    let mut no_command = task("no-command", &small);
+    no_command.command = None;
+    fw.driver
+        .launch_with(
+            &offer,
+            vec![
+                task("dup", &small),
+                task("dup", &small),
+                task("huge", &Resources::parse("cpus:64;mem:32").unwrap()),
+                negative,
+                no_command,
+                task("bad/id", &small),
+                task("nothing", &Resources::new()),
+            ],
+            Some(0.0),
+        )
+        .await
+        .unwrap();
+    let expect = [
+        ("dup", "already in use"),
+        ("huge", "not within the offered resources"),
+        ("negative", "negative"),
+        ("no-command", "no command"),
+        ("bad/id", "'/'"),
+        ("nothing", "some cpus or mem"),
+    ];
+    for (id, text) in expect {
+        let s = fw.wait_update(id, TaskState::TaskError).await;
+        assert!(s.message.contains(text), "{id}: {}", s.message);
+        assert_eq!(s.reason, StatusReason::ReasonTaskInvalid as i32);
+    }
+    fw.wait_update("dup", TaskState::TaskRunning).await;
+
+    // Another framework cannot use this framework's offer, and its attempt leaves that offer alone.
+    let mut other = TestFramework::start(&cluster.master_addr(), TestFramework::info("other", "*", 60.0)).await;
+    let mine = fw.offers().await.remove(0);
+    other.driver.launch(&mine, vec![task("thief", &small)]).await.unwrap();
+    let s = other.wait_terminal("thief").await;
+    assert_eq!(s.state, TaskState::TaskDropped as i32);
+    assert!(s.message.contains("not this framework's"), "{}", s.message);
+    fw.driver.launch(&mine, vec![task("mine", &small)]).await.unwrap();
+    fw.wait_update("mine", TaskState::TaskRunning).await;
+
+    // Killing or reconciling an unknown task answers TASK_LOST.
+    fw.driver.kill("ghost", "", None).await.unwrap();
+    let s = fw.wait_update("ghost", TaskState::TaskLost).await;
+    assert!(s.message.contains("does not know"), "{}", s.message);
+    fw.driver.reconcile(vec![("phantom".into(), String::new())]).await.unwrap();
+    let s = fw.wait_update("phantom", TaskState::TaskLost).await;
+    assert_eq!(s.reason, StatusReason::ReasonReconciliation as i32);
+    // The master is still healthy and the good tasks still run.
+    let state = cluster.state().await;
+    assert_eq!(Cluster::find_task(&state, "dup").unwrap()["state"], "TASK_RUNNING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_subscriptions_and_flags_are_refused_with_the_field_named() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let cases = [
+        (v1::FrameworkInfo { name: String::new(), ..Default::default() }, "name"),
+        (v1::FrameworkInfo { name: "x".into(), roles: vec!["bad role".into()], ..Default::default() }, "roles"),
+        (v1::FrameworkInfo { name: "x".into(), failover_timeout_seconds: -1.0, ..Default::default() }, "failover_timeout"),
+        (v1::FrameworkInfo { name: "x".into(), id: "no-such-framework".into(), ..Default::default() }, "unknown"),
+    ];
+    for (info, field) in cases {
+        let err = corral_sdk::SchedulerDriver::new(vec![cluster.master_addr()], info).run(NoOp).await.unwrap_err();
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    // Bad flags stop the binaries at once with a message naming the flag and value.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |bin: &str, args: &[&str]| {
+        let out = std::process::Command::new(corral_tests::bin(bin)).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let work = format!("--work-dir={}", dir.path().display());
+    let (ok, err) = run("corral-master", &["--port=0", &work, "--weights=a=x"]);
+    assert!(!ok && err.contains("weights") && err.contains("\"x\""), "{err}");
+    let (ok, err) = run("corral-master", &["--port=0", &work, "--registry=zk://nope"]);
+    assert!(!ok && err.contains("zk://nope"), "{err}");
+    let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, "--resources=cpus:abc"]);
+    assert!(!ok && err.contains("cpus:abc"), "{err}");
+    let (ok, err) = run("corral-agent", &["--master=nowhere", &work]);
+    assert!(!ok && err.contains("nowhere"), "{err}");
+    let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, "--attributes=rack"]);
+    assert!(!ok && err.contains("rack"), "{err}");
+    let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, "--isolation=vm"]);
+    assert!(!ok && err.contains("vm"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_files_api_refuses_paths_outside_the_sandboxes() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let state = cluster.state().await;
+    let agent = state["agents"][0]["id"].as_str().unwrap().to_string();
+    let missing = format!("{}/sandboxes/fw/task/stdout", cluster.agent_dir(0).canonicalize().unwrap().display());
+    for (path, code) in [("/etc/passwd", 403), ("/nonexistent", 403), (missing.as_str(), 404)] {
+        let (got, body) = cluster.agent_get(&agent, &format!("/files/read?path={path}")).await;
+        assert_eq!(got, code, "{path}: {body}");
+        assert!(body["error"].as_str().is_some(), "{body}");
+    }
+    let (got, _) = cluster.agent_get(&agent, "/files/read").await;
+    assert_eq!(got, 400);
+    let (got, _) = cluster.agent_get(&agent, "/files/read?path=/x&offset=abc").await;
+    assert_eq!(got, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_execute_lists_and_logs() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let (code, out, err) = cluster.cli(&["execute", "--name", "greet", "--command", "echo hello-cli; echo warn >&2"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let states: Vec<&str> = out.lines().map(|l| l.split_whitespace().nth(1).unwrap_or("")).collect();
+    assert_eq!(states, ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_FINISHED"], "{out}");
+
+    let (code, out, err) = cluster.cli(&["execute", "--name", "fail", "--command", "exit 4", "--instances", "2"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("task fail-0 ended TASK_FAILED: Command exited with status 4"), "{err}");
+    assert!(err.contains("task fail-1 ended TASK_FAILED"), "{err}");
+
+    let (code, _, err) = cluster.cli(&["execute", "--name", "x", "--command", "true", "--resources", "cpus:1;mem:-5"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("mem:-5") && err.contains("negative"), "{err}");
+    let (code, _, err) = cluster.cli(&["execute", "--name", "a b", "--command", "true"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("--name") && err.contains("a b"), "{err}");
+
+    let (code, out, _) = cluster.cli(&["task", "log", "greet"]).await;
+    assert_eq!((code, out.as_str()), (0, "hello-cli\n"));
+    let (code, out, _) = cluster.cli(&["task", "log", "greet", "--stderr"]).await;
+    assert_eq!((code, out.as_str()), (0, "warn\n"));
+
+    let (code, out, _) = cluster.cli(&["--json", "task", "list", "--all"]).await;
+    assert_eq!(code, 0);
+    let tasks: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut ids: Vec<&str> = tasks.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["fail-0", "fail-1", "greet"]);
+    let (code, out, _) = cluster.cli(&["task", "list", "--all"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("NAME") && out.contains("TASK_FINISHED") && out.contains("TASK_FAILED"), "{out}");
+    let (code, out, _) = cluster.cli(&["--json", "node", "list"]).await;
+    assert_eq!(code, 0);
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes[0]["state"], "REGISTERED");
+    let (code, out, _) = cluster.cli(&["framework", "list", "--all"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("corral-execute (greet)") && out.contains("COMPLETED"), "{out}");
+
+    // An unreachable master is named in the error.
+    let out = tokio::process::Command::new(corral_tests::bin("corral"))
+        .args(["--master", "127.0.0.1:1", "node", "list"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_task_log_follow_streams_new_lines() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    fw.launch_one("ticker", "for i in 1 2 3 4 5; do echo tick-$i; sleep 0.4; done", "cpus:0.1;mem:32").await;
+    fw.wait_update("ticker", TaskState::TaskRunning).await;
+    let (code, out, err) = cluster.cli(&["task", "log", "ticker", "--follow"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "tick-1\ntick-2\ntick-3\ntick-4\ntick-5\n", "follow returns when the task ends, with all output");
+    let (code, out, _) = cluster.cli(&["task", "log", "ticker", "--lines", "2"]).await;
+    assert_eq!((code, out.as_str()), (0, "tick-4\ntick-5\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = corral_tests::free_port();
+    let mut dev = corral_tests::Process::spawn(
+        "dev",
+        &corral_tests::bin("corral"),
+        &[
+            "dev".into(),
+            "up".into(),
+            "--agents=2".into(),
+            format!("--port={port}"),
+            format!("--agent-port={}", corral_tests::free_port()),
+            format!("--work-dir={}", dir.path().join("cluster").display()),
+        ],
+        dir.path(),
+    );
+    let master = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "dev up never printed its banner: {}", dev.log_tail());
+        if dev.log_tail().contains("cluster is up") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Start a long task, then stop the cluster while it runs.
+    let mut execute = tokio::process::Command::new(corral_tests::bin("corral"))
+        .args(["--master", &master, "execute", "--name", "bg", "--command", "sleep 600", "--timeout", "20s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    loop {
+        let state: serde_json::Value = http.get(format!("{master}/state")).send().await.unwrap().json().await.unwrap();
+        if Cluster::find_task(&state, "bg").is_some_and(|t| t["state"] == "TASK_RUNNING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dev.signal(Signal::SIGINT);
+    let status = dev.wait_timeout(WAIT).expect("dev up stops on Ctrl-C");
+    assert!(status.success(), "{}", dev.log_tail());
+    let _ = execute.wait().await;
+    // Nothing it started is left: no master, agent, shim or task mentions its directory.
+    let needle = dir.path().to_string_lossy().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (text.contains(&needle) || String::from_utf8_lossy(&env).contains(&needle)).then_some(text)
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
