@@ -150,6 +150,8 @@ pub struct Allocator {
     candidates: HashSet<AgentId>,
     /// Something changed since the last cycle.
     dirty: bool,
+    /// The earliest time any decline filter expires (filters are only scanned from then on).
+    next_expiry: Option<Instant>,
     rng: rand::rngs::SmallRng,
 }
 
@@ -165,6 +167,7 @@ impl Allocator {
             total: [0; 4],
             candidates: HashSet::new(),
             dirty: false,
+            next_expiry: None,
             rng: rand::rngs::SmallRng::seed_from_u64(config.seed),
         }
     }
@@ -388,7 +391,9 @@ impl Allocator {
         if let (Some((now, duration)), Some(f)) = (refuse, self.frameworks.get_mut(framework_id))
             && !duration.is_zero()
         {
-            f.filters.insert(agent_id.clone(), Filter { resources: back, until: now + duration });
+            let until = now + duration;
+            f.filters.insert(agent_id.clone(), Filter { resources: back, until });
+            self.next_expiry = Some(self.next_expiry.map_or(until, |t| t.min(until)));
         }
         self.refresh_candidate(agent_id);
         self.dirty = true;
@@ -421,12 +426,21 @@ impl Allocator {
             if !agent.active || !is_allocatable(&agent.free) {
                 return;
             }
+            // Most roles hold no reservation on this agent and may use exactly its unreserved resources.
+            let unreserved = agent.free.unreserved();
+            let reserved_roles = agent.free.reservation_roles();
             let mut chosen = None;
             for (_, role) in &self.role_order {
                 if skip_roles.contains(role) {
                     continue;
                 }
-                let offerable = agent.free.allocatable_to(role);
+                let offerable = if reserved_roles.contains(&role.as_str()) {
+                    agent.free.allocatable_to(role)
+                } else if is_allocatable(&unreserved) {
+                    unreserved.clone()
+                } else {
+                    continue;
+                };
                 if !is_allocatable(&offerable) {
                     continue;
                 }
@@ -488,12 +502,20 @@ impl Allocator {
     }
 
     fn expire_filters(&mut self, now: Instant) -> bool {
+        if self.next_expiry.is_none_or(|t| t > now) {
+            return false;
+        }
         let mut expired = false;
+        let mut next: Option<Instant> = None;
         for f in self.frameworks.values_mut() {
             let before = f.filters.len();
             f.filters.retain(|_, filter| filter.until > now);
             expired |= f.filters.len() != before;
+            if let Some(t) = f.filters.values().map(|x| x.until).min() {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
         }
+        self.next_expiry = next;
         expired
     }
 

@@ -14,6 +14,7 @@ mod state;
 
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
 use tokio::sync::mpsc;
 
 pub use master::MasterConfig;
@@ -29,6 +30,11 @@ pub async fn serve(
     let master = master::Master::recover(config, registry, tx.clone()).await?;
     let actor = tokio::spawn(master.run(rx));
     let app = api::router(api::MasterHandle::new(tx));
+    // gRPC messages are small and latency-bound: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add
+    // ~40 ms stalls to request/response round trips (measured: accept -> RUNNING p50 88 ms before, see bench).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;

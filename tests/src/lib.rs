@@ -24,8 +24,9 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-binary>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    // A test runs from target/<profile>/deps/, a bench binary from target/<profile>/.
+    let dir = exe.parent().expect("exe dir");
+    if dir.join("corral-master").is_file() { dir.to_path_buf() } else { dir.parent().expect("target dir").to_path_buf() }
 }
 
 /// Path of one of our binaries; panics with a hint when it was not built.

@@ -1,0 +1,188 @@
+//! `corral-bench`: measures what users choose a resource manager for, and prints a table (also written to
+//! `target/bench/results.json`). Figures, not assertions: speed targets live here, never in tests.
+//!
+//! * `allocator` — the pure allocator in-process: a full cycle with every agent free, the cycles of the
+//!   "every framework declines with a filter" shape (Mesos' DeclineOffers benchmark), and one incremental event;
+//! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches;
+//! * `all` — both; `--smoke` runs each at a tiny size (for CI, so the bench never rots).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use corral_master::allocator::{Allocator, AllocatorConfig};
+use corral_proto::{AgentId, FrameworkId, Resources};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "corral-bench")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Tiny sizes, for a quick check that every scenario still runs.
+    #[arg(long, global = true)]
+    smoke: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Allocator cycles in-process.
+    Allocator {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 100)]
+        frameworks: usize,
+        #[arg(long, default_value_t = 10)]
+        roles: usize,
+    },
+    /// accept → RUNNING latency with real processes.
+    Launch {
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
+    /// Every scenario at its default size.
+    All,
+}
+
+/// One result row.
+struct Row {
+    scenario: &'static str,
+    metric: String,
+    value: f64,
+    unit: &'static str,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn allocator(agents: usize, frameworks: usize, roles: usize) -> Vec<Row> {
+    let mut a = Allocator::new(AllocatorConfig::default());
+    let now = Instant::now();
+    let total = Resources::parse("cpus:16;mem:65536;disk:100000;ports:[31000-32000]").expect("resources");
+    let agent_ids: Vec<AgentId> = (0..agents).map(|i| AgentId::new(format!("a{i}")).expect("id")).collect();
+    let fw_ids: Vec<FrameworkId> = (0..frameworks).map(|i| FrameworkId::new(format!("f{i}")).expect("id")).collect();
+    for id in &agent_ids {
+        a.add_agent(id.clone(), total.clone(), Vec::new()).expect("agent");
+    }
+    for (i, id) in fw_ids.iter().enumerate() {
+        a.add_framework(id.clone(), &[format!("role{}", i % roles.max(1))], true).expect("framework");
+    }
+    let label = format!("{agents} agents x {frameworks} frameworks, {roles} roles");
+    let mut rows = Vec::new();
+
+    // Full cycle: every agent free, every framework wants everything.
+    let mut full = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let offers = a.allocate(now);
+        full.push(t.elapsed());
+        assert_eq!(offers.len(), agents, "every agent offered once");
+        for o in offers {
+            a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, None);
+        }
+    }
+    full.sort();
+    rows.push(Row { scenario: "allocator", metric: format!("full cycle, all agents free ({label}), median"), value: ms(full[2]), unit: "ms" });
+
+    // DeclineOffers: every offer is declined with a long filter until no framework wants any agent.
+    let mut declining = Vec::new();
+    let refuse = Some((now, Duration::from_secs(3600)));
+    loop {
+        let t = Instant::now();
+        let offers = a.allocate(now);
+        declining.push(t.elapsed());
+        if offers.is_empty() {
+            break;
+        }
+        for o in offers {
+            a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, refuse);
+        }
+    }
+    let worst = declining.iter().max().copied().unwrap_or_default();
+    rows.push(Row { scenario: "allocator", metric: format!("declining cycles until all filtered ({} cycles), worst", declining.len()), value: ms(worst), unit: "ms" });
+    let t = Instant::now();
+    let idle = a.allocate(now);
+    rows.push(Row { scenario: "allocator", metric: "cycle with nothing changed (skipped)".into(), value: ms(t.elapsed()), unit: "ms" });
+    assert!(idle.is_empty());
+
+    // Incremental event: one framework revives (its filters go), one cycle.
+    a.revive(&fw_ids[0], &[]);
+    let t = Instant::now();
+    let offers = a.allocate(now);
+    rows.push(Row { scenario: "allocator", metric: format!("event: one framework revives -> {} offers", offers.len()), value: ms(t.elapsed()), unit: "ms" });
+    // Incremental event: a task ends on one agent.
+    let o = &offers[0];
+    a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, None);
+    let t = Instant::now();
+    a.allocate(now);
+    rows.push(Row { scenario: "allocator", metric: "event: resources recovered on one agent".into(), value: ms(t.elapsed()), unit: "ms" });
+    rows
+}
+
+async fn launch(count: usize) -> anyhow::Result<Vec<Row>> {
+    use corral_sdk::{OfferPool, TaskBuilder, TaskState};
+    use corral_tests::{Cluster, ClusterSpec, FrameworkEvent, TestFramework};
+    let cluster = Cluster::start(ClusterSpec { agent_resources: "cpus:4;mem:4096;disk:1024".into(), ..ClusterSpec::default() }).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("bench", "*", 60.0)).await;
+    let need = Resources::parse("cpus:0.01;mem:1").context("resources")?;
+    let mut latencies = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        let offer = fw.offers().await.remove(0);
+        let mut pool = OfferPool::new(&offer)?;
+        let res = pool.take(&need, 0).context("offer too small")?;
+        let id = format!("t{i}");
+        let task = TaskBuilder::new(&id).exec("/bin/true", Vec::new()).resources(&res).build();
+        let t = Instant::now();
+        fw.driver.launch_with(&offer, vec![task], Some(0.0)).await?;
+        fw.wait_update(&id, TaskState::TaskRunning).await;
+        latencies.push(t.elapsed());
+        fw.wait_for("finish", |e| matches!(e, FrameworkEvent::Update(s) if s.task_id == id && corral_sdk::is_terminal(s)).then_some(())).await;
+    }
+    let total = started.elapsed();
+    latencies.sort();
+    Ok(vec![
+        Row { scenario: "launch", metric: format!("accept -> RUNNING p50 ({count} sequential launches, no isolation)"), value: ms(percentile(&latencies, 0.5)), unit: "ms" },
+        Row { scenario: "launch", metric: "accept -> RUNNING p99".into(), value: ms(percentile(&latencies, 0.99)), unit: "ms" },
+        Row { scenario: "launch", metric: "accept -> RUNNING max".into(), value: ms(*latencies.last().unwrap_or(&Duration::ZERO)), unit: "ms" },
+        Row { scenario: "launch", metric: "sequential offer -> launch -> finish cycles".into(), value: count as f64 / total.as_secs_f64(), unit: "tasks/s" },
+    ])
+}
+
+fn print(rows: &[Row]) -> anyhow::Result<()> {
+    let width = rows.iter().map(|r| r.metric.len()).max().unwrap_or(10);
+    println!("{:<10}  {:<width$}  {:>12}", "SCENARIO", "METRIC", "VALUE");
+    for r in rows {
+        println!("{:<10}  {:<width$}  {:>9.3} {}", r.scenario, r.metric, r.value, r.unit);
+    }
+    let json: Vec<Value> = rows.iter().map(|r| json!({"scenario": r.scenario, "metric": r.metric, "value": r.value, "unit": r.unit})).collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut rows = Vec::new();
+    match cli.scenario {
+        Scenario::Allocator { agents, frameworks, roles } => {
+            rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(agents, frameworks, roles) })
+        }
+        Scenario::Launch { count } => rows.extend(launch(if cli.smoke { 5 } else { count }).await?),
+        Scenario::All => {
+            rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
+            rows.extend(launch(if cli.smoke { 5 } else { 200 }).await?);
+        }
+    }
+    print(&rows)
+}
