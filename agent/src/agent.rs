@@ -51,7 +51,7 @@ pub struct AgentConfig {
 pub enum Event {
     Connected { conn: u64, tx: mpsc::UnboundedSender<v1::AgentMessage> },
     Disconnected { conn: u64 },
-    FromMaster { conn: u64, message: v1::MasterMessage },
+    FromMaster { conn: u64, message: Box<v1::MasterMessage> },
     TaskStarted { key: StreamKey, shim_pid: u32, pid: u32 },
     TaskLaunchFailed { key: StreamKey, message: String },
     TaskExited { key: StreamKey, record: Option<ExitRecord> },
@@ -144,7 +144,7 @@ impl Agent {
                 if self.conn.as_ref().is_some_and(|(c, _)| *c == conn)
                     && let Some(message) = message.message
                 {
-                    self.from_master(message);
+                    self.on_master_message(message);
                 }
             }
             Event::TaskStarted { key, shim_pid, pid } => self.task_started(key, shim_pid, pid),
@@ -197,7 +197,7 @@ impl Agent {
         }
     }
 
-    fn from_master(&mut self, message: master_message::Message) {
+    fn on_master_message(&mut self, message: master_message::Message) {
         use master_message::Message;
         match message {
             Message::Registered(r) => {
@@ -554,7 +554,7 @@ pub async fn connect_loop(masters: Vec<String>, events: mpsc::UnboundedSender<Ev
                         loop {
                             match inbound.next().await {
                                 Some(Ok(message)) => {
-                                    if events.send(Event::FromMaster { conn, message }).is_err() {
+                                    if events.send(Event::FromMaster { conn, message: Box::new(message) }).is_err() {
                                         return;
                                     }
                                 }

@@ -15,7 +15,7 @@ pub fn detect(work_dir: &Path) -> Resources {
     let mem_mib = meminfo_total_kib().map(|kib| kib / 1024).unwrap_or(1024);
     let mem = mem_mib.saturating_sub((mem_mib / 2).min(1024));
     let disk_mib = nix::sys::statvfs::statvfs(work_dir)
-        .map(|s| s.blocks() as u64 * s.fragment_size() as u64 / (1024 * 1024))
+        .map(|s| s.blocks() * s.fragment_size() / (1024 * 1024))
         .unwrap_or(0);
     let disk = disk_mib.saturating_sub((disk_mib / 2).min(5 * 1024));
     Resources::parse(&format!("cpus:{cpus};mem:{mem};disk:{disk};{DEFAULT_PORTS}")).expect("well-formed")

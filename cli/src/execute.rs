@@ -79,7 +79,7 @@ impl Scheduler for Execute {
                 self.pending.pop();
             }
             let result = if tasks.is_empty() {
-                driver.decline(&[offer.id.clone()], Some(if self.pending.is_empty() { 3600.0 } else { 1.0 })).await
+                driver.decline([&offer.id], Some(if self.pending.is_empty() { 3600.0 } else { 1.0 })).await
             } else {
                 for t in &tasks {
                     self.report(&t.task_id, TaskState::TaskStaging, &format!("on {}", offer.hostname));

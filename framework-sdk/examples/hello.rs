@@ -40,7 +40,7 @@ impl Scheduler for Hello {
                 );
             }
             let result = if tasks.is_empty() {
-                driver.decline(&[offer.id.clone()], Some(30.0)).await
+                driver.decline([&offer.id], Some(30.0)).await
             } else {
                 driver.launch(&offer, tasks).await
             };

@@ -93,11 +93,15 @@ impl Driver {
     }
 
     /// Declines offers; they are not offered again for `refuse_seconds` (master default 5 s).
-    pub async fn decline(&self, offer_ids: &[String], refuse_seconds: Option<f64>) -> Result<(), DriverError> {
+    pub async fn decline<I, S>(&self, offer_ids: I, refuse_seconds: Option<f64>) -> Result<(), DriverError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let s = self.session().await?;
         let req = v1::DeclineRequest {
             header: Some(s.header.clone()),
-            offer_ids: offer_ids.to_vec(),
+            offer_ids: offer_ids.into_iter().map(|id| id.as_ref().to_string()).collect(),
             filters: Some(v1::Filters { refuse_seconds }),
         };
         s.client.clone().decline(req).await?;

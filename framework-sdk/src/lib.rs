@@ -23,7 +23,7 @@
 //!                     let task = TaskBuilder::new("hello-1").shell("echo hello").resources(&res).build();
 //!                     let _ = driver.launch(&offer, vec![task]).await;
 //!                 }
-//!                 _ => { let _ = driver.decline(&[offer.id.clone()], Some(60.0)).await; }
+//!                 _ => { let _ = driver.decline([&offer.id], Some(60.0)).await; }
 //!             }
 //!         }
 //!     }

@@ -501,7 +501,7 @@ impl TestFramework {
                     self.driver.launch_with(&offer, vec![task], Some(0.0)).await.expect("launch");
                     return offer;
                 }
-                self.driver.decline(&[offer.id.clone()], Some(0.0)).await.expect("decline");
+                self.driver.decline([&offer.id], Some(0.0)).await.expect("decline");
             }
         }
     }

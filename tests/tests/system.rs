@@ -110,7 +110,7 @@ fn fill(mut fw: TestFramework, prefix: &'static str, launched: Arc<AtomicUsize>)
                         let task = TaskBuilder::new(format!("{prefix}-{n}")).shell("sleep 600").resources(&res).build();
                         fw.driver.launch_with(&offer, vec![task], Some(0.0)).await.unwrap();
                     }
-                    None => fw.driver.decline(&[offer.id.clone()], Some(600.0)).await.unwrap(),
+                    None => fw.driver.decline([&offer.id], Some(600.0)).await.unwrap(),
                 }
             }
         }
@@ -152,12 +152,12 @@ async fn decline_with_refuse_seconds_is_honoured_and_revive_clears_it() {
     let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
     let offer = fw.offers().await.remove(0);
     let declined = Instant::now();
-    fw.driver.decline(&[offer.id], Some(3.0)).await.unwrap();
+    fw.driver.decline([&offer.id], Some(3.0)).await.unwrap();
     let offer = fw.offers().await.remove(0);
     let gap = declined.elapsed();
     assert!(gap >= Duration::from_millis(2900), "re-offered after {gap:?}, before refuse_seconds (3 s) passed");
 
-    fw.driver.decline(&[offer.id], Some(3600.0)).await.unwrap();
+    fw.driver.decline([&offer.id], Some(3600.0)).await.unwrap();
     assert!(next_offer_within(&mut fw, Duration::from_secs(2)).await.is_none(), "a 1 h filter held");
     fw.driver.revive(Vec::new()).await.unwrap();
     assert!(next_offer_within(&mut fw, Duration::from_secs(10)).await.is_some(), "revive clears decline filters");
