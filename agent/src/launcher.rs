@@ -49,6 +49,8 @@ impl Launcher {
             .arg("shim")
             .arg("--run-dir")
             .arg(run_dir)
+            // The shim needs nothing from the agent's environment, and the task gets its own from the spec.
+            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use corral_agent::agent::{Agent, AgentConfig, Event, connect_loop};
 use corral_agent::status_update::Backoff;
 use corral_agent::{detect, http, isolation, shim};
@@ -12,21 +12,20 @@ use tokio::sync::{mpsc, oneshot};
 
 /// corral agent: offers this node's resources to the cluster and runs tasks.
 #[derive(Debug, Parser)]
-#[command(name = "corral-agent", version, args_conflicts_with_subcommands = true)]
+#[command(name = "corral-agent", version)]
 struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
     #[command(flatten)]
-    args: Option<Args>,
+    args: Args,
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Internal: supervise one task (started by the agent, not by hand).
-    Shim {
-        #[arg(long)]
-        run_dir: std::path::PathBuf,
-    },
+/// The per-task shim. Parsed on its own, so that the agent's `CORRAL_*` environment can never make it demand
+/// agent flags.
+#[derive(Debug, Parser)]
+#[command(name = "corral-agent shim")]
+struct ShimCli {
+    /// The task's run directory (spec.json, pid, exit.json).
+    #[arg(long)]
+    run_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,12 +72,13 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match (cli.command, cli.args) {
-        (Some(Command::Shim { run_dir }), _) => shim::run(&run_dir),
-        (None, Some(args)) => tokio::runtime::Runtime::new()?.block_on(agent_main(args)),
-        (None, None) => unreachable!("clap requires --master and --work-dir without a subcommand"),
+    let mut argv = std::env::args_os();
+    if argv.nth(1).is_some_and(|a| a == "shim") {
+        let shim = ShimCli::parse_from(std::iter::once("corral-agent shim".into()).chain(argv));
+        return shim::run(&shim.run_dir);
     }
+    let cli = Cli::parse();
+    tokio::runtime::Runtime::new()?.block_on(agent_main(cli.args))
 }
 
 async fn agent_main(args: Args) -> anyhow::Result<()> {

@@ -50,10 +50,16 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Process {
+        Self::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables (e.g. configuration as `CORRAL_*`).
+    pub fn spawn_with_env(name: &str, program: &Path, args: &[String], env: &[(&str, String)], dir: &Path) -> Process {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))

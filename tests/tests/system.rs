@@ -630,3 +630,30 @@ async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
         .collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_configured_partly_through_the_environment_runs_tasks() {
+    // As under systemd with an EnvironmentFile plus flags in ExecStart: some settings come from CORRAL_* variables,
+    // which the agent's children (shims, tasks) must not misread as configuration of their own.
+    let mut cluster = Cluster::start(ClusterSpec { agents: 0, ..ClusterSpec::default() }).await;
+    let env = [
+        ("CORRAL_MASTER", cluster.master_addr()),
+        ("CORRAL_RESOURCES", "cpus:1;mem:256;disk:64".to_string()),
+        ("CORRAL_ATTRIBUTES", "rack:r9".to_string()),
+    ];
+    let args = [
+        format!("--work-dir={}", cluster.dir.path().join("env-agent").display()),
+        "--ip=127.0.0.1".to_string(),
+        "--port=0".to_string(),
+    ];
+    let agent = corral_tests::Process::spawn_with_env("env-agent", &corral_tests::bin("corral-agent"), &args, &env, cluster.dir.path());
+    cluster.agents.push(Some(agent));
+    let state = cluster.wait_agents_registered(1).await;
+    assert_eq!(state["agents"][0]["attributes"]["rack"], "r9");
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
+    let offer = fw.launch_one("envtask", "echo master=${CORRAL_MASTER:-unset}", "cpus:0.1;mem:32").await;
+    let s = fw.wait_terminal("envtask").await;
+    assert_eq!(s.state, TaskState::TaskFinished as i32, "{}", s.message);
+    // The agent's own configuration does not leak into tasks.
+    assert_eq!(cluster.sandbox_file(&offer.agent_id, "envtask", "stdout").await, "master=unset\n");
+}
