@@ -21,7 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::Checkpoint;
-use crate::isolation::Isolator;
+use crate::isolation::{self, Isolator, Limits, Usage};
 use crate::launcher::Launcher;
 use crate::shim::{self, ExitRecord, ShimSpec};
 use crate::status_update::{AckOutcome, Backoff, StatusUpdateManager, StreamKey};
@@ -45,6 +45,12 @@ pub struct AgentConfig {
     pub update_backoff: Backoff,
     /// The `corral-agent` binary, run as `shim`.
     pub agent_exe: PathBuf,
+    /// Hard-cap tasks' cpu time at their `cpus` (CFS quota), not only weight it.
+    pub cfs_quota: bool,
+    /// Limit on processes per task.
+    pub max_pids: Option<u64>,
+    /// How often task usage is sampled and reported to the master.
+    pub usage_interval: Duration,
 }
 
 /// Something that happened, for the actor.
@@ -72,6 +78,10 @@ struct TaskRun {
     /// A kill arrived before the task started: (grace override).
     kill_requested: Option<Option<f64>>,
     exited: bool,
+    /// The task's cgroup below the isolator's root.
+    cgroup: String,
+    limits: Limits,
+    usage: Option<Usage>,
 }
 
 /// The agent's state. Mutated only by [`Agent::run`].
@@ -90,6 +100,7 @@ pub struct Agent {
     isolator: Arc<dyn Isolator>,
     events: mpsc::UnboundedSender<Event>,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    last_usage: Instant,
 }
 
 impl Agent {
@@ -110,6 +121,7 @@ impl Agent {
             isolator,
             events,
             drain_waiters: Vec::new(),
+            last_usage: Instant::now(),
         }
     }
 
@@ -252,6 +264,10 @@ impl Agent {
         }
         let sandbox = self.launcher.sandbox_dir(fid.as_str(), tid.as_str());
         let run_dir = self.launcher.run_dir(fid.as_str(), tid.as_str());
+        let resources = Resources::from_proto(&info.resources).unwrap_or_default();
+        let limits = Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids);
+        let agent_id = self.agent_id.clone().unwrap_or_default();
+        let cgroup = isolation::task_path(&agent_id, fid.as_str(), tid.as_str());
         let placeholder = self.status_for(&key, TaskState::TaskStaging, StatusReason::ReasonUnspecified, String::new());
         self.tasks.insert(
             key.clone(),
@@ -266,6 +282,9 @@ impl Agent {
                 pid: None,
                 kill_requested: None,
                 exited: false,
+                cgroup: cgroup.clone(),
+                limits: limits.clone(),
+                usage: None,
             },
         );
         if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info) {
@@ -273,12 +292,15 @@ impl Agent {
         }
         self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());
 
-        let resources = Resources::from_proto(&info.resources).unwrap_or_default();
-        if let Err(e) = self.isolator.prepare(&format!("{}/{}", key.0, key.1), &resources) {
-            let _ = self.events.send(Event::TaskLaunchFailed { key, message: e.to_string() });
-            return;
-        }
-        let spec = self.shim_spec(&fid, &info, &sandbox, &resources);
+        let cgroup_procs = match self.isolator.prepare(&cgroup, &limits) {
+            Ok(procs) => procs,
+            Err(e) => {
+                let _ = self.events.send(Event::TaskLaunchFailed { key, message: format!("isolation: {e}") });
+                return;
+            }
+        };
+        let mut spec = self.shim_spec(&fid, &info, &sandbox, &resources);
+        spec.cgroup_procs = cgroup_procs;
         let launcher = self.launcher.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -327,6 +349,7 @@ impl Agent {
             env,
             sandbox: sandbox.to_path_buf(),
             grace_seconds: self.grace(info, None).as_secs_f64(),
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -353,8 +376,16 @@ impl Agent {
         let Some(t) = self.tasks.get_mut(&key) else { return };
         t.exited = true;
         let killing = t.state == TaskState::TaskKilling;
+        let mem_mib = t.limits.mem_mib;
+        // Ask about OOM before the cgroup (and its counters) is removed.
+        let oom = self.isolator.oom_killed(&t.cgroup);
         self.cleanup_isolation(&key);
         let (state, reason, message) = match &record {
+            _ if oom => (
+                TaskState::TaskFailed,
+                StatusReason::ReasonContainerLimitationMemory,
+                format!("Memory limit exceeded: the task used more than its mem:{mem_mib} MiB and was OOM-killed"),
+            ),
             None => (
                 TaskState::TaskFailed,
                 StatusReason::ReasonCommandExecutorFailed,
@@ -370,7 +401,8 @@ impl Agent {
     }
 
     fn cleanup_isolation(&self, key: &StreamKey) {
-        if let Err(e) = self.isolator.cleanup(&format!("{}/{}", key.0, key.1)) {
+        let Some(t) = self.tasks.get(key) else { return };
+        if let Err(e) = self.isolator.cleanup(&t.cgroup) {
             warn!(task = %key.1, "isolation cleanup failed: {e}");
         }
     }
@@ -486,10 +518,36 @@ impl Agent {
             debug!(task = %s.task_id, "resending unacknowledged status update");
             self.send(agent_message::Message::StatusUpdate(s));
         }
+        if now.duration_since(self.last_usage) >= self.config.usage_interval {
+            self.last_usage = now;
+            self.report_usage();
+        }
+    }
+
+    /// Samples each running task's cgroup and tells the master.
+    fn report_usage(&mut self) {
+        let mut report = Vec::new();
+        for ((fid, tid), t) in self.tasks.iter_mut().filter(|(_, t)| !t.exited) {
+            t.usage = self.isolator.usage(&t.cgroup);
+            if let Some(u) = t.usage {
+                report.push(v1::resource_usage::TaskUsage {
+                    task_id: tid.clone(),
+                    framework_id: fid.clone(),
+                    cpu_seconds: u.cpu_seconds,
+                    mem_rss_bytes: u.mem_bytes,
+                });
+            }
+        }
+        if !report.is_empty() {
+            self.send(agent_message::Message::Usage(v1::ResourceUsage { tasks: report }));
+        }
     }
 
     fn check_drained(&mut self) {
-        if self.tasks.values().all(|t| t.exited) {
+        if self.tasks.values().all(|t| t.exited) && !self.drain_waiters.is_empty() {
+            if let Some(id) = &self.agent_id {
+                self.isolator.release(id);
+            }
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -507,6 +565,8 @@ impl Agent {
             "resources": Resources::from_proto(&t.info.resources).unwrap_or_default().to_json_summary(),
             "message": t.latest.message,
             "pending_updates": self.updates.pending(key),
+            "cgroup": t.cgroup,
+            "usage": t.usage.map(|u| json!({"cpu_seconds": u.cpu_seconds, "mem_bytes": u.mem_bytes})),
         })
     }
 

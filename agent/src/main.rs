@@ -51,9 +51,24 @@ struct Args {
     /// Attributes, e.g. "rack:r1;zone:a".
     #[arg(long, env = "CORRAL_ATTRIBUTES", default_value = "")]
     attributes: String,
-    /// Task isolation: none (cgroups arrive with the isolation work).
-    #[arg(long, env = "CORRAL_ISOLATION", default_value = "none")]
+    /// Task isolation: cgroups (v2 or v1, detected) or none.
+    #[arg(long, env = "CORRAL_ISOLATION", default_value = "cgroups")]
     isolation: String,
+    /// Where cgroup file systems are mounted.
+    #[arg(long, env = "CORRAL_CGROUPS_HIERARCHY", default_value = "/sys/fs/cgroup")]
+    cgroups_hierarchy: std::path::PathBuf,
+    /// Name of corral's cgroup in each hierarchy; tasks live in <root>/<agent-id>/<framework>+<task>.
+    #[arg(long, env = "CORRAL_CGROUP_ROOT", default_value = "corral")]
+    cgroup_root: String,
+    /// Hard-cap each task's cpu time at its cpus (CFS quota) instead of only weighting it.
+    #[arg(long, env = "CORRAL_CGROUPS_ENABLE_CFS")]
+    cgroups_enable_cfs: bool,
+    /// Maximum processes per task (pids controller); unlimited when not given.
+    #[arg(long, env = "CORRAL_MAX_PIDS_PER_TASK", value_parser = clap::value_parser!(u64).range(1..))]
+    max_pids_per_task: Option<u64>,
+    /// How often task cpu/memory usage is sampled and reported.
+    #[arg(long, env = "CORRAL_USAGE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    usage_interval: Duration,
     /// Grace period between SIGTERM and SIGKILL for tasks that do not set one.
     #[arg(long, env = "CORRAL_KILL_GRACE_PERIOD", default_value = "3s", value_parser = humantime::parse_duration)]
     default_kill_grace_period: Duration,
@@ -93,7 +108,17 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(work_dir.join("sandboxes")).context("cannot create the sandboxes directory")?;
     let resources = detect::resources(args.resources.as_deref(), &work_dir).context("--resources")?;
     let attributes = detect::attributes(&args.attributes).map_err(anyhow::Error::msg).context("--attributes")?;
-    let isolator: Arc<dyn isolation::Isolator> = isolation::by_name(&args.isolation).context("--isolation")?.into();
+    if args.cgroup_root.is_empty() || args.cgroup_root.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        anyhow::bail!("--cgroup-root {:?} must be a relative name without '..' or empty parts", args.cgroup_root);
+    }
+    let isolation = isolation::IsolationConfig {
+        kind: args.isolation.clone(),
+        hierarchy: args.cgroups_hierarchy.clone(),
+        root: args.cgroup_root.clone(),
+    };
+    let isolator: Arc<dyn isolation::Isolator> = isolation::build(&isolation)
+        .with_context(|| format!("--isolation {} (use --isolation none to run tasks without cgroups)", args.isolation))?
+        .into();
     let listener = tokio::net::TcpListener::bind((args.ip, args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.ip, args.port))?;
@@ -115,8 +140,12 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
         default_kill_grace: args.default_kill_grace_period,
         update_backoff: Backoff { initial: args.status_update_retry, max: Duration::from_secs(60) },
         agent_exe: std::env::current_exe().context("cannot find the corral-agent binary for the shim")?,
+        cfs_quota: args.cgroups_enable_cfs,
+        max_pids: args.max_pids_per_task,
+        usage_interval: args.usage_interval,
     };
-    tracing::info!(port, resources = %config.resources, masters = ?masters, "corral-agent {} starting", corral_proto::VERSION);
+    tracing::info!(port, resources = %config.resources, masters = ?masters, isolation = isolator.name(),
+        "corral-agent {} starting", corral_proto::VERSION);
     let (events, rx) = mpsc::unbounded_channel();
     let agent = Agent::new(config, isolator, events.clone());
     let actor = tokio::spawn(agent.run(rx));

@@ -29,6 +29,9 @@ pub struct ShimSpec {
     pub sandbox: PathBuf,
     /// Default seconds between SIGTERM and SIGKILL.
     pub grace_seconds: f64,
+    /// `cgroup.procs` files the task joins between fork and exec.
+    #[serde(default)]
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// How the task ended (`exit.json` in the run dir).
@@ -162,7 +165,46 @@ fn spawn(spec: &ShimSpec) -> anyhow::Result<tokio::process::Child> {
         .stderr(open("stderr")?)
         .process_group(0)
         .kill_on_drop(false);
+    let cgroups = open_cgroups(&spec.cgroup_procs)?;
+    join_cgroups_before_exec(&mut cmd, cgroups);
     cmd.spawn().with_context(|| format!("cannot start {:?}", spec.value))
+}
+
+/// Opens the `cgroup.procs` files before forking: after fork only async-signal-safe calls are allowed.
+fn open_cgroups(paths: &[PathBuf]) -> anyhow::Result<Vec<std::fs::File>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new().write(true).open(p).with_context(|| format!("cannot open {}", p.display()))
+        })
+        .collect()
+}
+
+/// Makes the child write "0" (itself) into each cgroup before it executes the task, so the task and everything
+/// it will fork are confined before any of its own code runs.
+#[allow(unsafe_code)]
+fn join_cgroups_before_exec(cmd: &mut tokio::process::Command, cgroups: Vec<std::fs::File>) {
+    use std::os::fd::AsRawFd;
+    if cgroups.is_empty() {
+        return;
+    }
+    let fds: Vec<i32> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+    // The files stay open in the parent until spawn returns: `cmd` owns them through this closure.
+    let keep_open = cgroups;
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe functions may be
+    // called. It calls only write(2) on descriptors opened before the fork, and allocates nothing (`fds` was
+    // built before the fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = &keep_open;
+            for fd in &fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Tells the agent (our stdout is its pipe) one line about the start; ignored if the agent is gone.

@@ -33,6 +33,12 @@ pub struct UpArgs {
     /// Agent ping timeout for the master (e.g. 15s).
     #[arg(long, default_value = "15s")]
     agent_ping_timeout: String,
+    /// Task isolation for the agents: cgroups or none (none works without root).
+    #[arg(long, default_value = "cgroups")]
+    isolation: String,
+    /// Name of the agents' cgroup below each hierarchy.
+    #[arg(long, default_value = "corral")]
+    cgroup_root: String,
 }
 
 struct Proc {
@@ -163,6 +169,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
                 format!("--work-dir={}", root.join(format!("agent-{i}")).display()),
                 format!("--resources={resources}"),
                 format!("--attributes=host:dev-{i}"),
+                format!("--isolation={}", args.isolation),
+                format!("--cgroup-root={}", args.cgroup_root),
             ],
             &root,
         )?);

@@ -121,7 +121,7 @@ impl Default for ClusterSpec {
             agents: 1,
             agent_resources: "cpus:2;mem:1024;disk:1024".into(),
             master_args: Vec::new(),
-            agent_args: vec!["--status-update-retry=500ms".into()],
+            agent_args: vec!["--status-update-retry=500ms".into(), "--usage-interval=300ms".into()],
         }
     }
 }
@@ -129,6 +129,8 @@ impl Default for ClusterSpec {
 /// A running cluster of real processes.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// This cluster's own cgroup root name (removed with the cluster).
+    pub cgroup_root: String,
     pub master_port: u16,
     pub master: Option<Process>,
     pub agents: Vec<Option<Process>>,
@@ -140,7 +142,9 @@ impl Cluster {
     /// Starts a master and `spec.agents` agents and waits until every agent is registered.
     pub async fn start(spec: ClusterSpec) -> Cluster {
         let dir = tempfile::Builder::new().prefix("corral-test-").tempdir().expect("tempdir");
+        let cgroup_root = format!("corral-test-{}", dir.path().file_name().unwrap().to_string_lossy().replace('.', ""));
         let mut cluster = Cluster {
+            cgroup_root,
             master_port: free_port(),
             dir,
             master: None,
@@ -195,6 +199,7 @@ impl Cluster {
             "--port=0".to_string(),
             format!("--work-dir={}", self.agent_dir(i).display()),
             format!("--resources={};ports:[{}-{}]", self.spec.agent_resources, first_port, first_port + 999),
+            format!("--cgroup-root={}", self.cgroup_root),
         ];
         args.extend(self.spec.agent_args.clone());
         let p = Process::spawn(&format!("agent-{i}"), &bin("corral-agent"), &args, self.dir.path());
@@ -265,6 +270,25 @@ impl Cluster {
         (code, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A task as the agent's `/state` shows it (active or completed).
+    pub async fn agent_task(&self, agent_id: &str, task_id: &str) -> Value {
+        let (_, state) = self.agent_get(agent_id, "/state").await;
+        state["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(state["completed_tasks"].as_array().into_iter().flatten())
+            .rfind(|t| t["id"] == task_id)
+            .cloned()
+            .unwrap_or_else(|| panic!("task {task_id} not on agent {agent_id}: {state:#}"))
+    }
+
+    /// A task's cgroup directory in a v1 controller hierarchy of this machine.
+    pub async fn task_cgroup_dir(&self, agent_id: &str, task_id: &str, controller: &str) -> PathBuf {
+        let t = self.agent_task(agent_id, task_id).await;
+        task_cgroup(&self.cgroup_root, controller, t["cgroup"].as_str().expect("task has a cgroup"))
+    }
+
     /// A task's sandbox file as text, read through the agent's `/files/read`.
     pub async fn sandbox_file(&self, agent_id: &str, task_id: &str, file: &str) -> String {
         let (_, agent_state) = self.agent_get(agent_id, "/state").await;
@@ -325,7 +349,57 @@ impl Drop for Cluster {
         self.agents.clear();
         self.master = None;
         kill_strays(self.dir.path());
+        remove_cgroups(&self.cgroup_root);
     }
+}
+
+/// Where this machine's cgroup hierarchies are: each v1 controller mount, or the unified v2 mount.
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut mounts: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect())
+        .unwrap_or_default();
+    if root.join("cgroup.procs").exists() {
+        mounts.push(root.to_path_buf());
+    }
+    mounts
+}
+
+/// The task's cgroup directory in the v1 `controller` hierarchy (or the v2 one when `controller` is "").
+pub fn task_cgroup(cgroup_root: &str, controller: &str, task_cgroup: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup").join(controller).join(cgroup_root).join(task_cgroup)
+}
+
+/// Kills whatever is left in a cgroup tree and removes it, deepest first, in every hierarchy.
+pub fn remove_cgroups(cgroup_root: &str) {
+    for mount in cgroup_mounts() {
+        remove_cgroup_tree(&mount.join(cgroup_root));
+    }
+}
+
+/// Kills whatever is left in one cgroup directory tree and removes it, deepest first.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.is_dir() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Kills every process whose environment or command line mentions `dir` (tasks and shims of this cluster).

@@ -1,4 +1,4 @@
-//! System scenarios: real master and agent processes, real task processes, frameworks on the real SDK.
+//! The foundation: launching, killing, DRF, offers, failover, registry, bad input, CLI.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -484,6 +484,16 @@ async fn bad_subscriptions_and_flags_are_refused_with_the_field_named() {
     assert!(!ok && err.contains("rack"), "{err}");
     let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, "--isolation=vm"]);
     assert!(!ok && err.contains("vm"), "{err}");
+    let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, "--cgroup-root=../escape"]);
+    assert!(!ok && err.contains("--cgroup-root") && err.contains("../escape"), "{err}");
+    // A hierarchy whose corral root cannot be created: the error names the path.
+    let fake = dir.path().join("fake-cgroupfs");
+    std::fs::create_dir_all(fake.join("memory")).unwrap();
+    std::fs::create_dir_all(fake.join("cpu")).unwrap();
+    std::fs::write(fake.join("memory/corral"), "a file where the cgroup should be").unwrap();
+    let hierarchy = format!("--cgroups-hierarchy={}", fake.display());
+    let (ok, err) = run("corral-agent", &["--master=127.0.0.1:1", &work, &hierarchy]);
+    assert!(!ok && err.contains("not writable") && err.contains("memory/corral"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,6 +583,7 @@ async fn cli_task_log_follow_streams_new_lines() {
 async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let port = corral_tests::free_port();
+    let cgroup_root = format!("corral-test-dev-{}", std::process::id());
     let mut dev = corral_tests::Process::spawn(
         "dev",
         &corral_tests::bin("corral"),
@@ -583,6 +594,7 @@ async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
             format!("--port={port}"),
             format!("--agent-port={}", corral_tests::free_port()),
             format!("--work-dir={}", dir.path().join("cluster").display()),
+            format!("--cgroup-root={cgroup_root}"),
         ],
         dir.path(),
     );
@@ -629,6 +641,13 @@ async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
         })
         .collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
+    // The drained agents removed their own cgroups; only the (empty) root they shared is left.
+    for mount in corral_tests::cgroup_mounts() {
+        let root = mount.join(&cgroup_root);
+        let children: Vec<_> = std::fs::read_dir(&root).map(|d| d.flatten().filter(|e| e.path().is_dir()).collect()).unwrap_or_default();
+        assert!(children.is_empty(), "cgroups left in {}: {children:?}", root.display());
+    }
+    corral_tests::remove_cgroups(&cgroup_root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -645,6 +664,7 @@ async fn agent_configured_partly_through_the_environment_runs_tasks() {
         format!("--work-dir={}", cluster.dir.path().join("env-agent").display()),
         "--ip=127.0.0.1".to_string(),
         "--port=0".to_string(),
+        format!("--cgroup-root={}", cluster.cgroup_root),
     ];
     let agent = corral_tests::Process::spawn_with_env("env-agent", &corral_tests::bin("corral-agent"), &args, &env, cluster.dir.path());
     cluster.agents.push(Some(agent));

@@ -1,0 +1,5 @@
+//! System scenarios, one test binary: real master and agent processes, real task processes in real cgroups,
+//! frameworks on the real SDK.
+
+mod foundation;
+mod isolation;
