@@ -183,6 +183,81 @@ impl Agent {
         }
     }
 
+    /// Rebuilds the tasks of a previous run of this agent from its checkpoint (call before [`Agent::run`]):
+    /// re-attaches to live shims, reports tasks that ended meanwhile with their real exit status, and queues
+    /// every unacknowledged update for resending. Returns how many tasks were recovered.
+    pub fn recover(&mut self) -> usize {
+        let now = Instant::now();
+        let Some(agent_id) = self.agent_id.clone() else { return 0 };
+        let mut recovered = 0;
+        for run_dir in self.checkpoint.task_dirs() {
+            let Some((framework, info, replayed)) = self.checkpoint.load_task(&run_dir) else {
+                warn!(dir = %run_dir.display(), "unreadable task checkpoint; skipped");
+                continue;
+            };
+            let Some(latest) = replayed.latest.clone() else { continue };
+            let state = TaskState::try_from(latest.state).unwrap_or(TaskState::TaskUnknown);
+            if state.is_terminal() && replayed.pending.is_empty() {
+                continue; // ended, and the framework knows
+            }
+            let key: StreamKey = (framework.id.clone(), info.task_id.clone());
+            let resources = Resources::from_proto(&info.resources).unwrap_or_default();
+            let shim_pid = self.launcher.live_shim(&run_dir);
+            self.tasks.insert(
+                key.clone(),
+                TaskRun {
+                    sandbox: self.launcher.sandbox_dir(&key.0, &key.1),
+                    run_dir: run_dir.clone(),
+                    shim_pid,
+                    pid: self.launcher.task_pid(&run_dir),
+                    kill_requested: None,
+                    exited: state.is_terminal(),
+                    cgroup: isolation::task_path(&agent_id, &key.0, &key.1),
+                    limits: Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids),
+                    usage: None,
+                    framework,
+                    info,
+                    state,
+                    latest,
+                },
+            );
+            self.updates.restore(key.clone(), replayed.pending, now);
+            recovered += 1;
+            if state.is_terminal() {
+                continue; // its terminal update is pending and goes out on registration
+            }
+            match (self.launcher.exit_record(&run_dir), shim_pid) {
+                (Some(record), _) => self.task_exited(key, Some(record)),
+                (None, Some(pid)) => {
+                    info!(framework = %key.0, task = %key.1, shim = pid, "re-attached to a running task");
+                    self.watch_recovered(key, run_dir);
+                }
+                (None, None) => {
+                    if let Some(t) = self.tasks.get_mut(&key) {
+                        t.exited = true;
+                    }
+                    self.cleanup_isolation(&key);
+                    self.update(&key, TaskState::TaskFailed, StatusReason::ReasonAgentRestarted,
+                        "the task's shim is gone (was the node restarted?)".to_string());
+                }
+            }
+        }
+        recovered
+    }
+
+    /// Waits for a shim this agent did not start (and so cannot `wait` for) to finish.
+    fn watch_recovered(&self, key: StreamKey, run_dir: PathBuf) {
+        let launcher = self.launcher.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            while launcher.exit_record(&run_dir).is_none() && launcher.live_shim(&run_dir).is_some() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let record = launcher.exit_record(&run_dir);
+            let _ = events.send(Event::TaskExited { key, record });
+        });
+    }
+
     fn registration(&self) -> v1::RegisterAgent {
         let mut frameworks: BTreeMap<String, v1::FrameworkInfo> = BTreeMap::new();
         let mut tasks = Vec::new();

@@ -21,6 +21,47 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// What a task's journal says, replayed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Replayed {
+    /// Updates not acknowledged yet, in order.
+    pub pending: Vec<v1::TaskStatus>,
+    /// The newest update, acknowledged or not.
+    pub latest: Option<v1::TaskStatus>,
+}
+
+/// Replays a journal: acks remove the head they name. Pure; a torn last line (crash mid-write) is ignored.
+pub fn replay(text: &str) -> Replayed {
+    use prost::Message;
+    let mut out = Replayed::default();
+    for line in text.lines() {
+        match serde_json::from_str::<JournalEntry>(line) {
+            Ok(JournalEntry::Update(h)) => {
+                if let Some(s) = unhex(&h).and_then(|b| v1::TaskStatus::decode(b.as_slice()).ok()) {
+                    out.latest = Some(s.clone());
+                    out.pending.push(s);
+                }
+            }
+            Ok(JournalEntry::Ack(h)) => {
+                if let Some(uuid) = unhex(&h)
+                    && out.pending.first().is_some_and(|s| s.uuid == uuid)
+                {
+                    out.pending.remove(0);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    out
+}
+
 /// Files under `<work-dir>/meta`.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -51,6 +92,28 @@ impl Checkpoint {
     }
 
     /// Saves what is needed to describe the task after a restart.
+    /// The run dirs of every task this agent checkpointed (`meta/tasks/<framework>/<task>`).
+    pub fn task_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let Ok(frameworks) = std::fs::read_dir(self.meta.join("tasks")) else { return out };
+        for f in frameworks.flatten() {
+            if let Ok(tasks) = std::fs::read_dir(f.path()) {
+                out.extend(tasks.flatten().map(|t| t.path()).filter(|p| p.is_dir()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The framework and task info saved at launch, and the replayed journal.
+    pub fn load_task(&self, run_dir: &Path) -> Option<(v1::FrameworkInfo, v1::TaskInfo, Replayed)> {
+        use prost::Message;
+        let framework = v1::FrameworkInfo::decode(std::fs::read(run_dir.join("framework.pb")).ok()?.as_slice()).ok()?;
+        let task = v1::TaskInfo::decode(std::fs::read(run_dir.join("task.pb")).ok()?.as_slice()).ok()?;
+        let journal = std::fs::read_to_string(run_dir.join("updates.jsonl")).unwrap_or_default();
+        Some((framework, task, replay(&journal)))
+    }
+
     pub fn save_task(&self, run_dir: &Path, framework: &v1::FrameworkInfo, task: &v1::TaskInfo) -> std::io::Result<()> {
         use prost::Message;
         std::fs::create_dir_all(run_dir)?;
@@ -95,6 +158,27 @@ mod tests {
         assert_eq!(c.agent_id().as_deref(), Some("agent-1"));
         std::fs::write(dir.path().join("meta/agent_id"), "../evil").unwrap();
         assert_eq!(c.agent_id(), None);
+    }
+
+    #[test]
+    fn replay_keeps_what_was_not_acknowledged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoint::new(dir.path());
+        let run = dir.path().join("run");
+        let st = |state: v1::TaskState, u: u8| v1::TaskStatus { task_id: "t".into(), state: state as i32, uuid: vec![u], ..Default::default() };
+        c.journal_update(&run, &st(v1::TaskState::TaskStarting, 1)).unwrap();
+        c.journal_update(&run, &st(v1::TaskState::TaskRunning, 2)).unwrap();
+        c.journal_ack(&run, &[2]).unwrap(); // not the head: ignored
+        c.journal_ack(&run, &[1]).unwrap();
+        c.journal_update(&run, &st(v1::TaskState::TaskFinished, 3)).unwrap();
+        let mut text = std::fs::read_to_string(run.join("updates.jsonl")).unwrap();
+        text.push_str("{\"update\":\"0a"); // torn write
+        let r = replay(&text);
+        assert_eq!(r.pending, vec![st(v1::TaskState::TaskRunning, 2), st(v1::TaskState::TaskFinished, 3)]);
+        assert_eq!(r.latest, Some(st(v1::TaskState::TaskFinished, 3)));
+        assert_eq!(replay(""), Replayed::default());
+        assert_eq!(unhex("0a1"), None);
+        assert_eq!(unhex("zz"), None);
     }
 
     #[test]

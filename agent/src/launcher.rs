@@ -88,6 +88,22 @@ impl Launcher {
         kill(Pid::from_raw(shim_pid as i32), Signal::SIGTERM).with_context(|| format!("cannot signal shim {shim_pid}"))
     }
 
+    /// The shim's pid as it recorded it, if that process is still a live shim of this run dir (not a zombie, and
+    /// not an unrelated process that reused the pid).
+    pub fn live_shim(&self, run_dir: &Path) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(run_dir.join(shim::SHIM_PID)).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let zombie = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z");
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy());
+        (ours && !zombie).then_some(pid)
+    }
+
+    /// The task's pid as the shim recorded it.
+    pub fn task_pid(&self, run_dir: &Path) -> Option<u32> {
+        std::fs::read_to_string(run_dir.join(shim::PID)).ok()?.trim().parse().ok()
+    }
+
     /// The task's exit record, once the shim wrote it.
     pub fn exit_record(&self, run_dir: &Path) -> Option<ExitRecord> {
         shim::read_json(&run_dir.join(shim::EXIT))

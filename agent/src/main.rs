@@ -147,7 +147,11 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     tracing::info!(port, resources = %config.resources, masters = ?masters, isolation = isolator.name(),
         "corral-agent {} starting", corral_proto::VERSION);
     let (events, rx) = mpsc::unbounded_channel();
-    let agent = Agent::new(config, isolator, events.clone());
+    let mut agent = Agent::new(config, isolator, events.clone());
+    let recovered = agent.recover();
+    if recovered > 0 {
+        tracing::info!(tasks = recovered, "recovered tasks from the checkpoint");
+    }
     let actor = tokio::spawn(agent.run(rx));
     tokio::spawn(connect_loop(masters, events.clone()));
     let app = http::router(events.clone(), &work_dir);

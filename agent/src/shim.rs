@@ -56,6 +56,7 @@ pub const SPEC: &str = "spec.json";
 pub const EXIT: &str = "exit.json";
 pub const KILL: &str = "kill.json";
 pub const PID: &str = "pid";
+pub const SHIM_PID: &str = "shim.pid";
 
 /// Writes `value` as JSON to `path` atomically (temp file, fsync, rename).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
@@ -80,6 +81,8 @@ pub fn run(run_dir: &Path) -> anyhow::Result<()> {
 async fn supervise(run_dir: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let spec: ShimSpec = read_json(&run_dir.join(SPEC)).context("cannot read the shim spec")?;
+    // A restarted agent finds (and verifies) its shims through this file.
+    std::fs::write(run_dir.join(SHIM_PID), std::process::id().to_string())?;
     let mut term = signal(SignalKind::terminate())?;
     // Terminal signals must not take the task's parent down: the shim lives in its own process group, but an
     // operator's stray `kill -INT` or a hang-up should still be survivable.

@@ -131,6 +131,17 @@ impl StatusUpdateManager {
             .collect()
     }
 
+    /// Restores a task's stream after an agent restart: `pending` in order, resent on registration.
+    pub fn restore(&mut self, key: StreamKey, pending: Vec<TaskStatus>, now: Instant) {
+        if pending.is_empty() {
+            return;
+        }
+        let stream = self.streams.entry(key).or_default();
+        stream.pending = pending.into();
+        stream.backoff = self.backoff.initial;
+        stream.next_retry = Some(now);
+    }
+
     /// Updates not yet acknowledged for a task.
     pub fn pending(&self, key: &StreamKey) -> usize {
         self.streams.get(key).map(|s| s.pending.len()).unwrap_or(0)
@@ -216,6 +227,18 @@ mod tests {
         heads.sort_by(|x, y| x.task_id.cmp(&y.task_id));
         assert_eq!(heads, vec![st("a", TaskState::TaskRunning, 1), st("b", TaskState::TaskFailed, 2)]);
         assert!(m.due(t0).is_empty(), "backoff restarted");
+    }
+
+    #[test]
+    fn restored_streams_resume_where_they_were() {
+        let mut m = sum();
+        let t0 = Instant::now();
+        m.restore(key("t"), vec![st("t", TaskState::TaskRunning, 1), st("t", TaskState::TaskFinished, 2)], t0);
+        assert_eq!(m.resend_all(t0), vec![st("t", TaskState::TaskRunning, 1)]);
+        assert_eq!(m.acknowledge(&key("t"), &[1], t0), AckOutcome::Next(Some(st("t", TaskState::TaskFinished, 2))));
+        assert_eq!(m.acknowledge(&key("t"), &[2], t0), AckOutcome::Finished);
+        m.restore(key("u"), Vec::new(), t0);
+        assert_eq!(m.pending(&key("u")), 0);
     }
 
     #[test]
