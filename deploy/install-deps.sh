@@ -4,7 +4,9 @@
 set -euo pipefail
 
 # protobuf-compiler: protoc for generating our gRPC code (and etcd-client's, later).
-PACKAGES=(protobuf-compiler ca-certificates)
+# python3: the system tests run a small HTTP server as a task (python3 -m http.server) to health-check it.
+# util-linux: taskset, used by the cpu-share test to pin tasks to one core.
+PACKAGES=(protobuf-compiler ca-certificates python3 util-linux)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

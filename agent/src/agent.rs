@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::Checkpoint;
+use crate::health::{self, HealthState, Verdict};
 use crate::isolation::{self, Isolator, Limits, Usage};
 use crate::launcher::Launcher;
 use crate::shim::{self, ExitRecord, ShimSpec};
@@ -62,6 +63,7 @@ pub enum Event {
     TaskLaunchFailed { key: StreamKey, message: String },
     TaskExited { key: StreamKey, record: Option<ExitRecord> },
     State { reply: oneshot::Sender<serde_json::Value> },
+    HealthResult { key: StreamKey, result: Result<(), String> },
     /// Kill every task (SIGUSR1: drain before the agent goes away); replies when none is left running.
     KillAll { reply: oneshot::Sender<()> },
 }
@@ -82,6 +84,10 @@ struct TaskRun {
     cgroup: String,
     limits: Limits,
     usage: Option<Usage>,
+    health: Option<HealthState>,
+    health_checker: Option<tokio::task::AbortHandle>,
+    /// Why the task is being killed because of its health, if it is.
+    unhealthy: Option<String>,
 }
 
 /// The agent's state. Mutated only by [`Agent::run`].
@@ -169,6 +175,7 @@ impl Agent {
                 self.update(&key, TaskState::TaskFailed, StatusReason::ReasonContainerLaunchFailed, message);
             }
             Event::TaskExited { key, record } => self.task_exited(key, record),
+            Event::HealthResult { key, result } => self.health_result(key, result),
             Event::State { reply } => {
                 let _ = reply.send(self.state_json());
             }
@@ -215,6 +222,9 @@ impl Agent {
                     cgroup: isolation::task_path(&agent_id, &key.0, &key.1),
                     limits: Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids),
                     usage: None,
+                    health: None,
+                    health_checker: None,
+                    unhealthy: None,
                     framework,
                     info,
                     state,
@@ -230,7 +240,8 @@ impl Agent {
                 (Some(record), _) => self.task_exited(key, Some(record)),
                 (None, Some(pid)) => {
                     info!(framework = %key.0, task = %key.1, shim = pid, "re-attached to a running task");
-                    self.watch_recovered(key, run_dir);
+                    self.watch_recovered(key.clone(), run_dir);
+                    self.start_health_checks(&key);
                 }
                 (None, None) => {
                     if let Some(t) = self.tasks.get_mut(&key) {
@@ -360,6 +371,9 @@ impl Agent {
                 cgroup: cgroup.clone(),
                 limits: limits.clone(),
                 usage: None,
+                health: None,
+                health_checker: None,
+                unhealthy: None,
             },
         );
         if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info) {
@@ -444,12 +458,71 @@ impl Agent {
         self.update(&key, TaskState::TaskRunning, StatusReason::ReasonUnspecified, format!("task started with pid {pid}"));
         if let Some(grace) = pending_kill {
             self.kill(&key, grace);
+        } else {
+            self.start_health_checks(&key);
+        }
+    }
+
+    /// Starts the task's health checker, if it has a health check.
+    fn start_health_checks(&mut self, key: &StreamKey) {
+        let Some(t) = self.tasks.get(key) else { return };
+        let Some(check) = t.info.health_check.clone() else { return };
+        let policy = health::Policy::of(&check);
+        let resources = Resources::from_proto(&t.info.resources).unwrap_or_default();
+        let Ok(fid) = corral_proto::FrameworkId::new(key.0.clone()) else { return };
+        let spec = self.shim_spec(&fid, &t.info, &t.sandbox, &resources);
+        let first_port = resources.ranges("ports").first().and_then(|(b, _)| u16::try_from(*b).ok());
+        let port = u16::try_from(check.port).ok().filter(|p| *p != 0).or(first_port);
+        let target = health::Target { check, port, sandbox: t.sandbox.clone(), env: spec.env.into_iter().collect() };
+        let events = self.events.clone();
+        let key_for_checker = key.clone();
+        let (delay, interval, timeout) = (policy.delay, policy.interval, policy.timeout);
+        let checker = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            loop {
+                let result = health::check(&target, timeout).await;
+                if events.send(Event::HealthResult { key: key_for_checker.clone(), result }).is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        if let Some(t) = self.tasks.get_mut(key) {
+            t.health = Some(HealthState::new(policy, Instant::now()));
+            t.health_checker = Some(checker.abort_handle());
+        }
+    }
+
+    fn health_result(&mut self, key: StreamKey, result: Result<(), String>) {
+        let Some(t) = self.tasks.get_mut(&key) else { return };
+        if t.exited || t.unhealthy.is_some() {
+            return;
+        }
+        let Some(health) = t.health.as_mut() else { return };
+        let verdict = health.record(result.is_ok(), Instant::now());
+        let detail = result.err().unwrap_or_default();
+        match verdict {
+            Verdict::Unchanged => {}
+            Verdict::Healthy(healthy) => {
+                let message = if healthy { "health check passed".to_string() } else { format!("health check failed: {detail}") };
+                let state = t.state;
+                self.update(&key, state, StatusReason::ReasonTaskCheckStatusUpdated, message);
+            }
+            Verdict::Kill => {
+                warn!(framework = %key.0, task = %key.1, "killing unhealthy task: {detail}");
+                t.unhealthy = Some(detail);
+                self.kill(&key, None);
+            }
         }
     }
 
     fn task_exited(&mut self, key: StreamKey, record: Option<ExitRecord>) {
         let Some(t) = self.tasks.get_mut(&key) else { return };
         t.exited = true;
+        if let Some(checker) = t.health_checker.take() {
+            checker.abort();
+        }
+        let unhealthy = t.unhealthy.clone();
         let killing = t.state == TaskState::TaskKilling;
         let mem_mib = t.limits.mem_mib;
         // Ask about OOM before the cgroup (and its counters) is removed.
@@ -460,6 +533,11 @@ impl Agent {
                 TaskState::TaskFailed,
                 StatusReason::ReasonContainerLimitationMemory,
                 format!("Memory limit exceeded: the task used more than its mem:{mem_mib} MiB and was OOM-killed"),
+            ),
+            Some(r) if unhealthy.is_some() => (
+                TaskState::TaskKilled,
+                StatusReason::ReasonTaskHealthCheckFailed,
+                format!("killed after failing its health check ({}); {}", unhealthy.unwrap_or_default(), shim::describe(r)),
             ),
             None => (
                 TaskState::TaskFailed,
@@ -544,7 +622,7 @@ impl Agent {
             message,
             uuid: uuid::Uuid::new_v4().as_bytes().to_vec(),
             timestamp: now_seconds(),
-            healthy: None,
+            healthy: self.tasks.get(key).and_then(|t| t.health.as_ref()).and_then(HealthState::healthy),
             framework_id: key.0.clone(),
         }
     }
@@ -641,6 +719,7 @@ impl Agent {
             "message": t.latest.message,
             "pending_updates": self.updates.pending(key),
             "cgroup": t.cgroup,
+            "healthy": t.health.as_ref().and_then(HealthState::healthy),
             "usage": t.usage.map(|u| json!({"cpu_seconds": u.cpu_seconds, "mem_bytes": u.mem_bytes})),
         })
     }

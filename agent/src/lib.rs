@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod detect;
+pub mod health;
 pub mod http;
 pub mod isolation;
 pub mod launcher;

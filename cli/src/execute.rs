@@ -33,6 +33,18 @@ pub struct ExecuteArgs {
     /// Seconds between SIGTERM and SIGKILL when the task is killed.
     #[arg(long)]
     kill_grace_period: Option<f64>,
+    /// Health check: a shell command run in the task's sandbox; exit 0 means healthy.
+    #[arg(long)]
+    health_check_cmd: Option<String>,
+    /// Seconds between health checks.
+    #[arg(long, default_value_t = 10.0, requires = "health_check_cmd")]
+    health_check_interval: f64,
+    /// Seconds after start during which failed checks do not count.
+    #[arg(long, default_value_t = 10.0, requires = "health_check_cmd")]
+    health_check_grace: f64,
+    /// Failed checks in a row that kill the task.
+    #[arg(long, default_value_t = 3, requires = "health_check_cmd")]
+    health_check_failures: u32,
     /// Give up (and kill what runs) after this long, e.g. 5m.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
@@ -82,7 +94,7 @@ impl Scheduler for Execute {
                 driver.decline([&offer.id], Some(if self.pending.is_empty() { 3600.0 } else { 1.0 })).await
             } else {
                 for t in &tasks {
-                    self.report(&t.task_id, TaskState::TaskStaging, &format!("on {}", offer.hostname));
+                    self.report(&t.task_id, TaskState::TaskStaging, &format!("on {}", offer.hostname), None);
                 }
                 driver.launch_with(&offer, tasks, Some(if self.pending.is_empty() { 3600.0 } else { 0.0 })).await
             };
@@ -103,7 +115,7 @@ impl Scheduler for Execute {
         if self.states.lock().expect("lock").get(&status.task_id).is_some_and(|(s, _)| s.is_terminal()) {
             return;
         }
-        self.report(&status.task_id, state, &status.message);
+        self.report(&status.task_id, state, &status.message, status.healthy);
         let done = {
             let states = self.states.lock().expect("lock");
             states.len() == self.total && states.values().all(|(s, _)| s.is_terminal())
@@ -119,16 +131,18 @@ impl Scheduler for Execute {
 }
 
 impl Execute {
-    fn report(&mut self, task_id: &str, state: TaskState, message: &str) {
+    fn report(&mut self, task_id: &str, state: TaskState, message: &str, healthy: Option<bool>) {
         let mut states = self.states.lock().expect("lock");
         if states.get(task_id).is_some_and(|(s, m)| *s == state && m == message) {
             return;
         }
         states.insert(task_id.to_string(), (state, message.to_string()));
         if self.json {
-            println!("{}", serde_json::json!({"task_id": task_id, "state": state.name(), "message": message}));
+            println!("{}", serde_json::json!({"task_id": task_id, "state": state.name(), "message": message, "healthy": healthy}));
         } else if message.is_empty() {
             println!("{task_id} {}", state.name());
+        } else if healthy.is_some() {
+            println!("{task_id} {} (healthy: {}) {message}", state.name(), healthy.unwrap_or_default());
         } else {
             println!("{task_id} {} {message}", state.name());
         }
@@ -159,6 +173,24 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
     for id in &ids {
         corral_proto::TaskId::new(id.clone()).map_err(|e| anyhow!("--name: {e}"))?;
     }
+    for (flag, v) in [("--health-check-interval", args.health_check_interval), ("--health-check-grace", args.health_check_grace)] {
+        if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) || (flag == "--health-check-interval" && v == 0.0) {
+            return Err(anyhow!("{flag} must be a number of seconds between 0 and 86400 (interval above 0), got {v}"));
+        }
+    }
+    let health_check = args.health_check_cmd.as_ref().map(|cmd| v1::HealthCheck {
+        r#type: v1::health_check::Type::Command as i32,
+        command: cmd.clone(),
+        delay_seconds: args.health_check_interval.min(15.0),
+        interval_seconds: args.health_check_interval,
+        timeout_seconds: args.health_check_interval.max(1.0),
+        grace_period_seconds: args.health_check_grace,
+        consecutive_failures: args.health_check_failures,
+        ..Default::default()
+    });
+    if let Some(check) = &health_check {
+        corral_proto::health::validate(check).map_err(|e| anyhow!("--health-check-*: {e}"))?;
+    }
     let mut pending: Vec<v1::TaskInfo> = ids
         .iter()
         .map(|id| {
@@ -168,6 +200,9 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
             }
             if let Some(g) = args.kill_grace_period {
                 b = b.kill_grace_period(g);
+            }
+            if let Some(check) = &health_check {
+                b = b.health_check(check.clone());
             }
             b.build()
         })

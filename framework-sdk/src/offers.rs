@@ -122,6 +122,12 @@ impl TaskBuilder {
         self
     }
 
+    /// Has the agent check the task's health (see `v1::HealthCheck` for the rules and defaults).
+    pub fn health_check(mut self, check: v1::HealthCheck) -> Self {
+        self.info.health_check = Some(check);
+        self
+    }
+
     pub fn labels(mut self, labels: HashMap<String, String>) -> Self {
         self.info.labels = labels;
         self

@@ -836,6 +836,13 @@ impl Master {
             return Err(format!("task resources {resources} are not within the offered resources {available}"));
         }
         valid_seconds("kill_grace_period_seconds", task.kill_grace_period_seconds).map_err(|s| s.message().to_string())?;
+        if let Some(hc) = &task.health_check {
+            corral_proto::health::validate(hc)?;
+            let needs_port = hc.r#type != v1::health_check::Type::Command as i32 && hc.port == 0;
+            if needs_port && resources.ranges("ports").is_empty() {
+                return Err("health_check checks the task's first port, but the task has no ports".into());
+            }
+        }
         Ok(resources)
     }
 

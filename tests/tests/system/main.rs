@@ -3,4 +3,5 @@
 
 mod foundation;
 mod isolation;
+mod health;
 mod recovery;
