@@ -327,7 +327,38 @@ impl Agent {
                 }
             }
             Message::Acknowledge(a) => self.acknowledge(a),
+            Message::ApplyOperations(ops) => self.apply_operations(ops),
             Message::Shutdown(s) => warn!("master asked this agent to shut down: {}", s.message),
+        }
+    }
+
+    /// Creates and destroys volume directories for CREATE and DESTROY, then checkpoints the new resources.
+    fn apply_operations(&mut self, ops: master_message::ApplyOperations) {
+        use v1::operation::Operation;
+        for op in ops.operations.iter().filter_map(|o| o.operation.as_ref()) {
+            let (list, create) = match op {
+                Operation::Create(c) => (&c.volumes, true),
+                Operation::Destroy(d) => (&d.volumes, false),
+                _ => continue,
+            };
+            let Ok(volumes) = Resources::from_proto(list) else { continue };
+            for (role, v, _) in volumes.volumes() {
+                let dir = self.launcher.volume_dir(&role, &v.persistence_id);
+                let result = if create { std::fs::create_dir_all(&dir) } else { std::fs::remove_dir_all(&dir) };
+                match result {
+                    Ok(()) => info!(volume = %v.persistence_id, dir = %dir.display(), "{}", if create { "volume created" } else { "volume destroyed" }),
+                    Err(e) => warn!(volume = %v.persistence_id, dir = %dir.display(), "volume operation failed: {e}"),
+                }
+            }
+        }
+        match Resources::from_proto(&ops.total) {
+            Ok(total) => {
+                if let Err(e) = self.checkpoint.save_resources(&total) {
+                    warn!("cannot checkpoint the agent's resources: {e}");
+                }
+                self.config.resources = total;
+            }
+            Err(e) => warn!("master sent invalid resources: {e}"),
         }
     }
 
@@ -390,10 +421,15 @@ impl Agent {
         };
         let mut spec = self.shim_spec(&fid, &info, &sandbox, &resources);
         spec.cgroup_procs = cgroup_procs;
+        let volumes: Vec<(PathBuf, String)> = resources
+            .volumes()
+            .into_iter()
+            .map(|(role, v, _)| (self.launcher.volume_dir(&role, &v.persistence_id), v.container_path))
+            .collect();
         let launcher = self.launcher.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
-            match launcher.launch(&run_dir, &spec).await {
+            match launcher.launch(&run_dir, &spec, &volumes).await {
                 Ok(mut started) => {
                     let shim_pid = started.shim.id().unwrap_or(0);
                     let _ = events.send(Event::TaskStarted { key: key.clone(), shim_pid, pid: started.pid });

@@ -92,6 +92,19 @@ impl Checkpoint {
     }
 
     /// Saves what is needed to describe the task after a restart.
+    /// The resources last set by the master (reservations and volumes included), if any.
+    pub fn resources(&self) -> Option<corral_proto::Resources> {
+        corral_proto::Resources::parse(std::fs::read_to_string(self.meta.join("resources")).ok()?.trim()).ok()
+    }
+
+    pub fn save_resources(&self, resources: &corral_proto::Resources) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.meta)?;
+        let tmp = self.meta.join("resources.tmp");
+        std::fs::write(&tmp, resources.to_string())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(tmp, self.meta.join("resources"))
+    }
+
     /// The run dirs of every task this agent checkpointed (`meta/tasks/<framework>/<task>`).
     pub fn task_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();

@@ -38,10 +38,25 @@ impl Launcher {
         self.work_dir.join("meta").join("tasks").join(framework_id).join(task_id)
     }
 
-    /// Creates the sandbox and run dir, starts the shim and waits for it to report the task's pid.
-    pub async fn launch(&self, run_dir: &Path, spec: &ShimSpec) -> anyhow::Result<Started> {
+    /// Where a persistent volume lives on this agent: `<work-dir>/volumes/<role>/<persistence-id>`.
+    pub fn volume_dir(&self, role: &str, persistence_id: &str) -> PathBuf {
+        self.work_dir.join("volumes").join(role).join(persistence_id)
+    }
+
+    /// Creates the sandbox (with each volume linked at its container path) and the run dir, starts the shim and
+    /// waits for it to report the task's pid.
+    pub async fn launch(&self, run_dir: &Path, spec: &ShimSpec, volumes: &[(PathBuf, String)]) -> anyhow::Result<Started> {
         std::fs::create_dir_all(&spec.sandbox)
             .with_context(|| format!("cannot create sandbox {}", spec.sandbox.display()))?;
+        for (target, container_path) in volumes {
+            // container_path was validated (relative, no ".."), so the link stays inside the sandbox.
+            let link = spec.sandbox.join(container_path);
+            if let Some(parent) = link.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::os::unix::fs::symlink(target, &link)
+                .with_context(|| format!("cannot link volume {} at {}", target.display(), link.display()))?;
+        }
         std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
         shim::write_json_atomic(&run_dir.join(shim::SPEC), spec).context("cannot write the shim spec")?;
         let log = std::fs::File::create(run_dir.join("shim.log")).context("cannot create shim.log")?;

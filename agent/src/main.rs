@@ -106,7 +106,14 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work_dir).with_context(|| format!("cannot create --work-dir {}", args.work_dir.display()))?;
     let work_dir = args.work_dir.canonicalize()?;
     std::fs::create_dir_all(work_dir.join("sandboxes")).context("cannot create the sandboxes directory")?;
-    let resources = detect::resources(args.resources.as_deref(), &work_dir).context("--resources")?;
+    let mut resources = detect::resources(args.resources.as_deref(), &work_dir).context("--resources")?;
+    // Reservations and volumes made through the master live in the checkpoint and win over the flags.
+    if let Some(checkpointed) = corral_agent::checkpoint::Checkpoint::new(&work_dir).resources() {
+        if checkpointed.flatten().without_volumes() != resources.flatten() {
+            tracing::warn!(flags = %resources, checkpoint = %checkpointed, "--resources differ from the checkpointed resources; keeping the checkpoint");
+        }
+        resources = checkpointed;
+    }
     let attributes = detect::attributes(&args.attributes).map_err(anyhow::Error::msg).context("--attributes")?;
     if args.cgroup_root.is_empty() || args.cgroup_root.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
         anyhow::bail!("--cgroup-root {:?} must be a relative name without '..' or empty parts", args.cgroup_root);

@@ -33,6 +33,10 @@ pub struct ExecuteArgs {
     /// Seconds between SIGTERM and SIGKILL when the task is killed.
     #[arg(long)]
     kill_grace_period: Option<f64>,
+    /// A persistent volume per instance, CONTAINER_PATH:SIZE_MIB (e.g. data:64); needs --role. Created on the
+    /// first run (reserving the resources for the role) and reused by later runs with the same --name.
+    #[arg(long, value_parser = parse_volume)]
+    volume: Option<(String, f64)>,
     /// Health check: a shell command run in the task's sandbox; exit 0 means healthy.
     #[arg(long)]
     health_check_cmd: Option<String>,
@@ -50,6 +54,16 @@ pub struct ExecuteArgs {
     timeout: Option<Duration>,
 }
 
+fn parse_volume(s: &str) -> Result<(String, f64), String> {
+    let (path, size) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not CONTAINER_PATH:SIZE_MIB"))?;
+    corral_proto::resources::validate_container_path(path)?;
+    let size: f64 = size.parse().map_err(|_| format!("volume size {size:?} is not a number of MiB"))?;
+    if !(size.is_finite() && size > 0.0) {
+        return Err(format!("volume size {size} must be positive"));
+    }
+    Ok((path.to_string(), size))
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     if k.is_empty() {
@@ -64,6 +78,8 @@ type States = Arc<Mutex<BTreeMap<String, (TaskState, String)>>>;
 struct Execute {
     pending: Vec<v1::TaskInfo>,
     need: Resources,
+    /// (container path, size) of each instance's persistent volume (its id is the task id).
+    volume: Option<(String, f64)>,
     states: States,
     total: usize,
     json: bool,
@@ -82,21 +98,23 @@ impl Scheduler for Execute {
     async fn offers(&mut self, driver: &Driver, offers: Vec<v1::Offer>) {
         for offer in offers {
             let Ok(mut pool) = OfferPool::new(&offer) else { continue };
-            let mut tasks = Vec::new();
+            let mut operations = Vec::new();
+            let mut launched = Vec::new();
             while let Some(template) = self.pending.last() {
-                let Some(resources) = pool.take(&self.need, 0) else { break };
-                let mut task = template.clone();
-                task.resources = resources.to_proto();
-                tasks.push(task);
+                let Some((task, mut ops)) = self.place(&mut pool, template) else { break };
+                operations.append(&mut ops);
+                launched.push(task);
                 self.pending.pop();
             }
-            let result = if tasks.is_empty() {
-                driver.decline([&offer.id], Some(if self.pending.is_empty() { 3600.0 } else { 1.0 })).await
+            let done = self.pending.is_empty();
+            let result = if launched.is_empty() {
+                driver.decline([&offer.id], Some(if done { 3600.0 } else { 1.0 })).await
             } else {
-                for t in &tasks {
+                for t in &launched {
                     self.report(&t.task_id, TaskState::TaskStaging, &format!("on {}", offer.hostname), None);
                 }
-                driver.launch_with(&offer, tasks, Some(if self.pending.is_empty() { 3600.0 } else { 0.0 })).await
+                operations.push(corral_sdk::ops::launch(launched));
+                driver.accept([&offer.id], operations, Some(if done { 3600.0 } else { 0.0 })).await
             };
             if let Err(e) = result {
                 eprintln!("offer {}: {e}", offer.id);
@@ -131,6 +149,39 @@ impl Scheduler for Execute {
 }
 
 impl Execute {
+    /// Fits one instance into the offer: the task, and the operations its volume needs first (none without one,
+    /// or when the offer already holds the instance's volume; else RESERVE + CREATE).
+    fn place(&self, pool: &mut OfferPool, template: &v1::TaskInfo) -> Option<(v1::TaskInfo, Vec<v1::Operation>)> {
+        let mut task = template.clone();
+        let Some((path, size)) = &self.volume else {
+            task.resources = pool.take(&self.need, 0)?.to_proto();
+            return Some((task, Vec::new()));
+        };
+        let role = pool.role().to_string();
+        if let Some(volume) = pool.take_volume(&task.task_id) {
+            // A later run: the volume (and the reservation around it) is offered back to this role.
+            let res = pool.take(&self.need, 0)?;
+            task.resources = res.plus(&volume).to_proto();
+            return Some((task, Vec::new()));
+        }
+        // First run: reserve what the task needs plus the disk, then carve the volume out of the disk.
+        let wanted = self.need.plus(&Resources::scalar("disk", *size));
+        let mut trial = pool.clone();
+        let taken = trial.take(&wanted, 0)?;
+        *pool = trial;
+        let reserved = taken.with_role(Some(&role));
+        let plain_disk = Resources::scalar("disk", *size).with_role(Some(&role));
+        let volume = Resources::volume(&role, &task.task_id, path, *size);
+        let mut ops = Vec::new();
+        let unreserved_part = taken.unreserved();
+        if !unreserved_part.is_empty() {
+            ops.push(corral_sdk::ops::reserve(&unreserved_part.with_role(Some(&role))));
+        }
+        ops.push(corral_sdk::ops::create(&volume));
+        task.resources = reserved.minus(&plain_disk).plus(&volume).to_proto();
+        Some((task, ops))
+    }
+
     fn report(&mut self, task_id: &str, state: TaskState, message: &str, healthy: Option<bool>) {
         let mut states = self.states.lock().expect("lock");
         if states.get(task_id).is_some_and(|(s, m)| *s == state && m == message) {
@@ -156,6 +207,8 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
     }
     if args.role != "*" {
         corral_proto::resources::validate_role(&args.role).map_err(|e| anyhow!("--role: {e}"))?;
+    } else if args.volume.is_some() {
+        return Err(anyhow!("--volume needs --role: persistent volumes are reserved for a role"));
     }
     if args.command.trim().is_empty() {
         return Err(anyhow!("--command must not be empty"));
@@ -219,6 +272,7 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
     let scheduler = Execute {
         pending,
         need,
+        volume: args.volume.clone(),
         states: states.clone(),
         total: ids.len(),
         json,

@@ -57,16 +57,20 @@ impl Driver {
     }
 
     /// Accepts offers (all on one agent) with the given operations.
-    pub async fn accept(
+    pub async fn accept<I, S>(
         &self,
-        offer_ids: &[String],
+        offer_ids: I,
         operations: Vec<v1::Operation>,
         refuse_seconds: Option<f64>,
-    ) -> Result<(), DriverError> {
+    ) -> Result<(), DriverError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let s = self.session().await?;
         let req = v1::AcceptRequest {
             header: Some(s.header.clone()),
-            offer_ids: offer_ids.to_vec(),
+            offer_ids: offer_ids.into_iter().map(|id| id.as_ref().to_string()).collect(),
             operations,
             filters: Some(v1::Filters { refuse_seconds }),
         };
@@ -86,10 +90,7 @@ impl Driver {
         tasks: Vec<v1::TaskInfo>,
         refuse_seconds: Option<f64>,
     ) -> Result<(), DriverError> {
-        let op = v1::Operation {
-            operation: Some(v1::operation::Operation::Launch(v1::operation::Launch { task_infos: tasks })),
-        };
-        self.accept(std::slice::from_ref(&offer.id), vec![op], refuse_seconds).await
+        self.accept([&offer.id], vec![crate::ops::launch(tasks)], refuse_seconds).await
     }
 
     /// Declines offers; they are not offered again for `refuse_seconds` (master default 5 s).

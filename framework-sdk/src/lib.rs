@@ -45,7 +45,7 @@ pub use async_trait::async_trait;
 pub use corral_proto::v1;
 pub use corral_proto::{Resources, v1::TaskState};
 pub use driver::{Driver, DriverError, SchedulerDriver};
-pub use offers::{OfferPool, TaskBuilder};
+pub use offers::{OfferPool, TaskBuilder, ops};
 
 /// Callbacks a framework implements. Every method has a default that does nothing (offers are declined by
 /// default, so an idle framework never hoards resources).

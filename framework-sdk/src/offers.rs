@@ -17,6 +17,19 @@ impl OfferPool {
         Ok(OfferPool { remaining: Resources::from_proto(&offer.resources)?, role: offer.allocation_role.clone() })
     }
 
+    /// Takes the persistent volume with this id out of the offer, if the offer holds it.
+    pub fn take_volume(&mut self, persistence_id: &str) -> Option<Resources> {
+        let (role, v, size) = self.remaining.volumes().into_iter().find(|(_, v, _)| v.persistence_id == persistence_id)?;
+        let volume = Resources::volume(&role, &v.persistence_id, &v.container_path, size);
+        self.remaining.subtract(&volume);
+        Some(volume)
+    }
+
+    /// The role the offer's resources are allocated to.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
     /// What is still free in the offer.
     pub fn remaining(&self) -> &Resources {
         &self.remaining
@@ -68,6 +81,37 @@ impl OfferPool {
         }
         self.remaining.subtract(&out);
         Some(out)
+    }
+}
+
+/// Builders for the operations of an ACCEPT, applied in order.
+pub mod ops {
+    use corral_proto::{Resources, v1, v1::operation};
+
+    fn op(o: operation::Operation) -> v1::Operation {
+        v1::Operation { operation: Some(o) }
+    }
+    pub fn launch(tasks: Vec<v1::TaskInfo>) -> v1::Operation {
+        op(operation::Operation::Launch(operation::Launch { task_infos: tasks }))
+    }
+    /// All tasks start, or none does.
+    pub fn launch_group(tasks: Vec<v1::TaskInfo>) -> v1::Operation {
+        op(operation::Operation::LaunchGroup(operation::LaunchGroup { task_infos: tasks }))
+    }
+    /// Reserves offered unreserved resources for the offer's role (`resources` written with that role).
+    pub fn reserve(resources: &Resources) -> v1::Operation {
+        op(operation::Operation::Reserve(operation::Reserve { resources: resources.to_proto() }))
+    }
+    pub fn unreserve(resources: &Resources) -> v1::Operation {
+        op(operation::Operation::Unreserve(operation::Unreserve { resources: resources.to_proto() }))
+    }
+    /// Turns reserved disk into persistent volumes (see `Resources::volume`).
+    pub fn create(volumes: &Resources) -> v1::Operation {
+        op(operation::Operation::Create(operation::Create { volumes: volumes.to_proto() }))
+    }
+    /// Deletes persistent volumes and their data; the disk stays reserved.
+    pub fn destroy(volumes: &Resources) -> v1::Operation {
+        op(operation::Operation::Destroy(operation::Destroy { volumes: volumes.to_proto() }))
     }
 }
 

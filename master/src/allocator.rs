@@ -362,6 +362,21 @@ impl Allocator {
         }
     }
 
+    /// Converts allocated resources in place (RESERVE, UNRESERVE, CREATE, DESTROY): the agent's total and the
+    /// framework's allocation change from `from` to `to` (same amounts), free resources do not.
+    pub fn convert(&mut self, agent_id: &AgentId, framework_id: &FrameworkId, role: &str, from: &Resources, to: &Resources) {
+        let Some(agent) = self.agents.get_mut(agent_id) else { return };
+        let Some(held) = agent.allocations.get_mut(&(framework_id.clone(), role.to_string())) else { return };
+        if !held.contains(from) {
+            return;
+        }
+        held.subtract(from);
+        held.add(to);
+        agent.total.subtract(from);
+        agent.total.add(to);
+        self.dirty = true;
+    }
+
     /// Gives resources back: an offer declined, rescinded or partly used, or a task that ended. With `refuse`, the
     /// framework is not offered these resources (or a subset) on this agent again for that long.
     pub fn recover(
@@ -860,6 +875,31 @@ mod tests {
         a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, Some((t0, Duration::from_secs(5))));
         assert!(a.allocate(t0).is_empty());
         assert!(!a.dirty);
+    }
+
+    #[test]
+    fn conversions_keep_the_books_balanced() {
+        let mut a = Allocator::new(AllocatorConfig::default());
+        let t0 = Instant::now();
+        a.add_agent(agent(1), res("cpus:2;mem:256;disk:100"), vec![]).unwrap();
+        a.add_framework(fw(1), &roles(&["db"]), true).unwrap();
+        let o = a.allocate(t0).pop().unwrap();
+        let unreserved = res("cpus:1;disk:50");
+        let reserved = unreserved.with_role(Some("db"));
+        a.convert(&agent(1), &fw(1), "db", &unreserved, &reserved);
+        let vol = Resources::volume("db", "v1", "data", 50.0);
+        a.convert(&agent(1), &fw(1), "db", &res("disk(db):50"), &vol);
+        a.check_invariants();
+        let held = o.resources.minus(&unreserved).plus(&res("cpus(db):1")).plus(&vol);
+        a.recover(&agent(1), &fw(1), "db", &held, None);
+        assert_eq!(a.free(&agent(1)).unwrap(), &res("cpus:1;mem:256;disk:50;cpus(db):1").plus(&vol));
+        // Reserved resources and the volume go only to the role.
+        a.add_framework(fw(2), &roles(&["web"]), true).unwrap();
+        a.suppress(&fw(1), &[]);
+        let offers = a.allocate(t0);
+        assert_eq!(offers.len(), 1);
+        assert_eq!(offers[0].resources, res("cpus:1;mem:256;disk:50"));
+        a.check_invariants();
     }
 
     #[test]

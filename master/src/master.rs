@@ -559,7 +559,7 @@ impl Master {
         }
         let now = Instant::now();
         match call {
-            Call::Accept(req) => self.accept(&id, req, now),
+            Call::Accept(req) => self.accept(&id, req, now).await,
             Call::Decline(req) => {
                 let refuse = refuse_duration(req.filters.as_ref())?;
                 for offer_id in &req.offer_ids {
@@ -691,25 +691,10 @@ impl Master {
         }
     }
 
-    fn accept(&mut self, id: &FrameworkId, req: v1::AcceptRequest, now: Instant) -> Result<(), Status> {
+    async fn accept(&mut self, id: &FrameworkId, req: v1::AcceptRequest, now: Instant) -> Result<(), Status> {
         let refuse = refuse_duration(req.filters.as_ref())?;
-        for op in &req.operations {
-            match &op.operation {
-                Some(operation::Operation::Launch(_)) | Some(operation::Operation::LaunchGroup(_)) => {}
-                Some(other) => {
-                    let name = match other {
-                        operation::Operation::Reserve(_) => "RESERVE",
-                        operation::Operation::Unreserve(_) => "UNRESERVE",
-                        operation::Operation::Create(_) => "CREATE",
-                        operation::Operation::Destroy(_) => "DESTROY",
-                        _ => "unknown",
-                    };
-                    return Err(Status::unimplemented(format!(
-                        "ACCEPT: operation {name} is not supported by this master yet; decline the offer instead"
-                    )));
-                }
-                None => return Err(fail("ACCEPT: an operation has no type")),
-            }
+        if req.operations.iter().any(|op| op.operation.is_none()) {
+            return Err(fail("ACCEPT: an operation has no type"));
         }
         // Find out whether the offers are usable before consuming any of them.
         let mut problem = None;
@@ -717,16 +702,20 @@ impl Master {
             problem = Some("ACCEPT names no offers".to_string());
         }
         let mut agent: Option<(AgentId, String)> = None;
+        let mut offered = Resources::new();
         for offer_id in &req.offer_ids {
             match self.offers.get(offer_id.as_str()) {
                 None => problem = Some(format!("offer {offer_id} is no longer valid")),
                 Some(o) if &o.framework_id != id => problem = Some(format!("offer {offer_id} is not this framework's")),
-                Some(o) => match &agent {
-                    Some((a, r)) if *a != o.agent_id || *r != o.role => {
-                        problem = Some("the accepted offers must all be for one agent and one role".to_string())
+                Some(o) => {
+                    offered.add(&o.resources);
+                    match &agent {
+                        Some((a, r)) if *a != o.agent_id || *r != o.role => {
+                            problem = Some("the accepted offers must all be for one agent and one role".to_string())
+                        }
+                        _ => agent = Some((o.agent_id.clone(), o.role.clone())),
                     }
-                    _ => agent = Some((o.agent_id.clone(), o.role.clone())),
-                },
+                }
             }
         }
         let tasks_in = |op: &v1::Operation| match &op.operation {
@@ -748,6 +737,9 @@ impl Master {
             return Ok(());
         }
         let (agent_id, role) = agent.expect("at least one valid offer");
+        // Operations that change resources are checked as a whole first: a bad one refuses the ACCEPT and
+        // leaves the offers untouched.
+        let steps = self.plan(&req.operations, &agent_id, &role, &offered).map_err(|e| fail(format!("ACCEPT: {e}")))?;
         let mut available = Resources::new();
         for offer_id in &req.offer_ids {
             if let Some(o) = self.use_offer(id, offer_id) {
@@ -755,16 +747,32 @@ impl Master {
             }
         }
         let mut launched: HashSet<String> = HashSet::new();
-        for op in &req.operations {
-            let (tasks, group) = match &op.operation {
-                Some(operation::Operation::Launch(l)) => (&l.task_infos, false),
-                Some(operation::Operation::LaunchGroup(l)) => (&l.task_infos, true),
-                _ => continue,
+        let mut applied = Vec::new();
+        for step in steps {
+            let (tasks, group) = match step {
+                Step::Convert { name, from, to, op } => {
+                    if !available.contains(&from) {
+                        let message = format!("{name} skipped: an earlier launch in the same ACCEPT used {from}");
+                        self.send_event(id, event::Event::Error(event::Error { message }));
+                        continue;
+                    }
+                    available.subtract(&from);
+                    available.add(&to);
+                    self.allocator.convert(&agent_id, id, &role, &from, &to);
+                    if let Some(a) = self.agents.get_mut(&agent_id) {
+                        a.total.subtract(&from);
+                        a.total.add(&to);
+                    }
+                    info!(framework = %id, agent = %agent_id, "{name}: {from} -> {to}");
+                    applied.push(op);
+                    continue;
+                }
+                Step::Launch(tasks, group) => (tasks, group),
             };
             let mut remaining = available.clone();
             let mut checked = Vec::new();
             let mut group_error = None;
-            for task in tasks {
+            for task in &tasks {
                 match self.validate_task(id, task, &agent_id, &remaining, &launched) {
                     Ok(res) => {
                         remaining.subtract(&res);
@@ -795,10 +803,120 @@ impl Master {
                 }
             }
         }
+        if !applied.is_empty() {
+            self.checkpoint_agent_resources(&agent_id, applied).await;
+        }
         if !available.is_empty() {
             self.allocator.recover(&agent_id, id, &role, &available, Some((now, refuse)));
         }
         Ok(())
+    }
+
+    /// Checks RESERVE, UNRESERVE, CREATE and DESTROY in order against what the offers hold (launches are
+    /// checked task by task later). Errors name the operation by position and kind.
+    fn plan(&self, ops: &[v1::Operation], agent_id: &AgentId, role: &str, offered: &Resources) -> Result<Vec<Step>, String> {
+        let mut avail = offered.clone();
+        let existing: HashSet<String> = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.total.volumes().into_iter().map(|(_, v, _)| v.persistence_id).collect())
+            .unwrap_or_default();
+        let mut steps = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let parse = |name: &str, list: &[v1::Resource]| {
+                let r = Resources::from_proto(list).map_err(|e| format!("operation {i} ({name}): {e}"))?;
+                if r.is_empty() {
+                    return Err(format!("operation {i} ({name}) names no resources"));
+                }
+                Ok(r)
+            };
+            let only_role = |name: &str, r: &Resources| {
+                if role == "*" {
+                    return Err(format!("operation {i} ({name}): offers for role * cannot be reserved; subscribe with a role"));
+                }
+                if !r.unreserved().is_empty() || r.reservation_roles() != [role] {
+                    return Err(format!("operation {i} ({name}): {r} must all be reserved for the offer's role {role:?}"));
+                }
+                Ok(())
+            };
+            let (name, from, to) = match &op.operation {
+                Some(operation::Operation::Launch(l)) => {
+                    steps.push(Step::Launch(l.task_infos.clone(), false));
+                    continue;
+                }
+                Some(operation::Operation::LaunchGroup(l)) => {
+                    steps.push(Step::Launch(l.task_infos.clone(), true));
+                    continue;
+                }
+                Some(operation::Operation::Reserve(r)) => {
+                    let to = parse("RESERVE", &r.resources)?;
+                    only_role("RESERVE", &to)?;
+                    if !to.volumes().is_empty() {
+                        return Err(format!("operation {i} (RESERVE): reserve plain disk, then CREATE the volume"));
+                    }
+                    ("RESERVE", to.with_role(None), to)
+                }
+                Some(operation::Operation::Unreserve(r)) => {
+                    let from = parse("UNRESERVE", &r.resources)?;
+                    only_role("UNRESERVE", &from)?;
+                    if !from.volumes().is_empty() {
+                        return Err(format!("operation {i} (UNRESERVE): DESTROY the volume first"));
+                    }
+                    let to = from.with_role(None);
+                    ("UNRESERVE", from, to)
+                }
+                Some(operation::Operation::Create(c)) => {
+                    let to = parse("CREATE", &c.volumes)?;
+                    only_role("CREATE", &to)?;
+                    let volumes = to.volumes();
+                    if volumes.is_empty() || to.without_volumes().get_scalar("disk") != to.get_scalar("disk") || to.get_scalar("disk") != volumes.iter().map(|v| v.2).sum::<f64>() {
+                        return Err(format!("operation {i} (CREATE): {to} must be persistent volumes only"));
+                    }
+                    for (_, v, _) in &volumes {
+                        if existing.contains(&v.persistence_id) || avail.volumes().iter().any(|(_, x, _)| x.persistence_id == v.persistence_id) {
+                            return Err(format!("operation {i} (CREATE): volume {} already exists on agent {agent_id}", v.persistence_id));
+                        }
+                    }
+                    ("CREATE", to.without_volumes(), to)
+                }
+                Some(operation::Operation::Destroy(d)) => {
+                    let from = parse("DESTROY", &d.volumes)?;
+                    if from.volumes().is_empty() {
+                        return Err(format!("operation {i} (DESTROY): {from} holds no volume"));
+                    }
+                    let to = from.without_volumes();
+                    ("DESTROY", from, to)
+                }
+                None => return Err(format!("operation {i} has no type")),
+            };
+            if !avail.contains(&from) {
+                return Err(format!("operation {i} ({name}): the offers do not hold {from} (they hold {avail})"));
+            }
+            avail.subtract(&from);
+            avail.add(&to);
+            steps.push(Step::Convert { name, from, to, op: op.clone() });
+        }
+        Ok(steps)
+    }
+
+    /// Records an agent's changed reservations and volumes in the registry and tells the agent.
+    async fn checkpoint_agent_resources(&mut self, agent_id: &AgentId, operations: Vec<v1::Operation>) {
+        let Some(a) = self.agents.get(agent_id) else { return };
+        let record = AgentRecord {
+            id: agent_id.to_string(),
+            hostname: a.info.hostname.clone(),
+            port: a.info.port,
+            resources: a.total.to_string(),
+            registered_time: a.registered_time,
+        };
+        let total = a.total.to_proto();
+        if let Err(e) = self.registry.apply(vec![Change::PutAgent(record)]).await {
+            warn!(agent = %agent_id, "could not record the agent's new reservations: {e}");
+        }
+        self.send_to_agent(
+            agent_id,
+            master_message::Message::ApplyOperations(master_message::ApplyOperations { operations, total }),
+        );
     }
 
     fn reject_task(&mut self, id: &FrameworkId, task: &v1::TaskInfo, agent_id: &AgentId, why: &str) {
@@ -1364,6 +1482,12 @@ impl Master {
 
 fn error_event(message: &str) -> v1::Event {
     v1::Event { event: Some(event::Event::Error(event::Error { message: message.to_string() })) }
+}
+
+/// One checked operation of an ACCEPT.
+enum Step {
+    Launch(Vec<v1::TaskInfo>, bool),
+    Convert { name: &'static str, from: Resources, to: Resources, op: v1::Operation },
 }
 
 /// A status answered by reconciliation: no uuid, reason RECONCILIATION.

@@ -15,7 +15,7 @@ pub mod v1 {
 }
 
 pub use ids::{AgentId, FrameworkId, IdError, OfferId, TaskId};
-pub use resources::{ParseError, Resources};
+pub use resources::{ParseError, Resources, VolumeSpec};
 
 /// Seconds since the Unix epoch as `f64`, the timestamp unit of `TaskStatus`.
 pub fn now_seconds() -> f64 {

@@ -50,17 +50,28 @@ impl Value {
     }
 }
 
+/// A persistent volume carved out of reserved disk: its id and where it appears in a task's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeSpec {
+    pub persistence_id: String,
+    pub container_path: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Entry {
     name: String,
     /// `None` is unreserved (`*`).
     role: Option<String>,
+    /// Set for a persistent volume (always reserved `disk`).
+    volume: Option<VolumeSpec>,
     value: Value,
 }
 
+type Key<'a> = (&'a str, Option<&'a str>, Option<&'a VolumeSpec>, bool);
+
 impl Entry {
-    fn key(&self) -> (&str, Option<&str>, bool) {
-        (&self.name, self.role.as_deref(), self.value.is_ranges())
+    fn key(&self) -> Key<'_> {
+        (&self.name, self.role.as_deref(), self.volume.as_ref(), self.value.is_ranges())
     }
 }
 
@@ -92,8 +103,44 @@ impl Resources {
     /// A single unreserved scalar.
     pub fn scalar(name: &str, value: f64) -> Self {
         let mut r = Resources::new();
-        r.add_entry(Entry { name: name.into(), role: None, value: Value::Scalar(to_milli(value)) });
+        r.add_entry(Entry { name: name.into(), role: None, volume: None, value: Value::Scalar(to_milli(value)) });
         r
+    }
+
+    /// A persistent volume of `size_mib` reserved for `role`.
+    pub fn volume(role: &str, persistence_id: &str, container_path: &str, size_mib: f64) -> Self {
+        let mut r = Resources::new();
+        r.add_entry(Entry {
+            name: "disk".into(),
+            role: Some(role.into()),
+            volume: Some(VolumeSpec { persistence_id: persistence_id.into(), container_path: container_path.into() }),
+            value: Value::Scalar(to_milli(size_mib)),
+        });
+        r
+    }
+
+    /// The persistent volumes in these resources, with their role and size in MiB.
+    pub fn volumes(&self) -> Vec<(String, VolumeSpec, f64)> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                let v = e.volume.clone()?;
+                let size = match e.value {
+                    Value::Scalar(m) => m as f64 / MILLI as f64,
+                    Value::Ranges(_) => 0.0,
+                };
+                Some((e.role.clone().unwrap_or_default(), v, size))
+            })
+            .collect()
+    }
+
+    /// The same resources with every volume turned back into plain (reserved) disk.
+    pub fn without_volumes(&self) -> Resources {
+        let mut out = Resources::new();
+        for e in &self.entries {
+            out.add_entry(Entry { volume: None, ..e.clone() });
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -160,7 +207,9 @@ impl Resources {
     pub fn with_role(&self, role: Option<&str>) -> Resources {
         let mut out = Resources::new();
         for e in &self.entries {
-            out.add_entry(Entry { role: role.map(str::to_string), ..e.clone() });
+            // A volume cannot exist unreserved: dropping the role drops the volume too.
+            let volume = if role.is_some() { e.volume.clone() } else { None };
+            out.add_entry(Entry { role: role.map(str::to_string), volume, ..e.clone() });
         }
         out
     }
@@ -168,7 +217,7 @@ impl Resources {
     /// A range resource (e.g. `ports`) holding `ranges`, unreserved.
     pub fn ranges_of(name: &str, ranges: &[(u64, u64)]) -> Resources {
         let mut r = Resources::new();
-        r.add_entry(Entry { name: name.into(), role: None, value: Value::Ranges(range_union(&[], ranges)) });
+        r.add_entry(Entry { name: name.into(), role: None, volume: None, value: Value::Ranges(range_union(&[], ranges)) });
         r
     }
 
@@ -244,7 +293,7 @@ impl Resources {
         r
     }
 
-    fn find(&self, key: (&str, Option<&str>, bool)) -> Result<usize, usize> {
+    fn find(&self, key: Key<'_>) -> Result<usize, usize> {
         self.entries.binary_search_by(|e| e.key().cmp(&key))
     }
 
@@ -284,7 +333,11 @@ impl Resources {
                 _ => return Err(ParseError::new(&token, format!("unknown resource type {}", r.r#type))),
             };
             check_kind(&token, &r.name, &value)?;
-            out.add_entry(Entry { name: r.name.clone(), role, value });
+            let volume = match &r.volume {
+                None => None,
+                Some(v) => Some(parse_volume(&token, &r.name, role.as_deref(), &v.persistence_id, &v.container_path)?),
+            };
+            out.add_entry(Entry { name: r.name.clone(), role, volume, value });
         }
         Ok(out)
     }
@@ -297,6 +350,10 @@ impl Resources {
                 let mut r = v1::Resource {
                     name: e.name.clone(),
                     role: e.role.clone().unwrap_or_default(),
+                    volume: e.volume.as_ref().map(|v| v1::Volume {
+                        persistence_id: v.persistence_id.clone(),
+                        container_path: v.container_path.clone(),
+                    }),
                     ..Default::default()
                 };
                 match &e.value {
@@ -361,18 +418,61 @@ impl std::str::FromStr for Resources {
 }
 
 fn describe(e: &Entry) -> String {
-    match &e.role {
+    let mut out = match &e.role {
         Some(role) => format!("{}({role})", e.name),
         None => e.name.clone(),
+    };
+    if let Some(v) = &e.volume {
+        out.push_str(&format!("[{}:{}]", v.persistence_id, v.container_path));
     }
+    out
+}
+
+/// Checks a volume: only on reserved disk, a valid id, and a relative container path that stays in the sandbox.
+fn parse_volume(token: &str, name: &str, role: Option<&str>, id: &str, path: &str) -> Result<VolumeSpec, ParseError> {
+    if name != "disk" {
+        return Err(ParseError::new(token, "only disk resources can be persistent volumes"));
+    }
+    if role.is_none() {
+        return Err(ParseError::new(token, "a persistent volume must be reserved for a role"));
+    }
+    crate::ids::validate("persistence id", id).map_err(|e| ParseError::new(token, e.to_string()))?;
+    validate_container_path(path).map_err(|e| ParseError::new(token, e))?;
+    Ok(VolumeSpec { persistence_id: id.to_string(), container_path: path.to_string() })
+}
+
+/// A volume's path inside the sandbox: relative, no `..`, no empty parts.
+pub fn validate_container_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') {
+        return Err(format!("container path {path:?} must be relative to the sandbox"));
+    }
+    if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(format!("container path {path:?} must not contain '..', '.' or empty parts"));
+    }
+    if path.chars().any(|c| c.is_control() || c == ':' || c == ']' || c == '[') {
+        return Err(format!("container path {path:?} contains a character that is not allowed"));
+    }
+    Ok(())
 }
 
 fn parse_token(token: &str) -> Result<Entry, ParseError> {
-    let (key, value) = token
+    // The value follows the first ':' after any volume suffix `[ID:PATH]` (a '[' before the first ':').
+    let volume_suffix = matches!((token.find('['), token.find(':')), (Some(b), Some(c)) if b < c);
+    let search_from = if volume_suffix { token.find(']').map(|i| i + 1).unwrap_or(token.len()) } else { 0 };
+    let (key, value) = token[search_from..]
         .split_once(':')
+        .map(|(k, v)| (&token[..search_from + k.len()], v))
         .ok_or_else(|| ParseError::new(token, "expected NAME:VALUE or NAME(ROLE):VALUE"))?;
     let key = key.trim();
     let value = value.trim();
+    let (key, volume) = match key.split_once('[') {
+        Some((k, rest)) => {
+            let inner = rest.strip_suffix(']').ok_or_else(|| ParseError::new(token, "a volume must end with ']'"))?;
+            let (id, path) = inner.split_once(':').ok_or_else(|| ParseError::new(token, "a volume is [ID:PATH]"))?;
+            (k.trim(), Some((id.trim().to_string(), path.trim().to_string())))
+        }
+        None => (key, None),
+    };
     let (name, role) = match key.split_once('(') {
         Some((name, rest)) => {
             let role = rest
@@ -395,7 +495,11 @@ fn parse_token(token: &str) -> Result<Entry, ParseError> {
         Value::Scalar(scalar_to_milli(token, v)?)
     };
     check_kind(token, name, &value)?;
-    Ok(Entry { name: name.to_string(), role, value })
+    let volume = match volume {
+        Some((id, path)) => Some(parse_volume(token, name, role.as_deref(), &id, &path)?),
+        None => None,
+    };
+    Ok(Entry { name: name.to_string(), role, volume, value })
 }
 
 fn parse_ranges(token: &str, inner: &str) -> Result<Vec<(u64, u64)>, ParseError> {
@@ -632,6 +736,30 @@ mod tests {
     }
 
     #[test]
+    fn volumes_are_reserved_disk_with_their_own_identity() {
+        let v = Resources::volume("store", "db1", "data", 64.0);
+        assert_eq!(v.to_string(), "disk(store)[db1:data]:64");
+        assert_eq!(Resources::parse("disk(store)[db1:data]:64").unwrap(), v);
+        assert_eq!(Resources::from_proto(&v.to_proto()).unwrap(), v);
+        let plain = Resources::parse("disk(store):64").unwrap();
+        assert!(!plain.contains(&v) && !v.contains(&plain), "a volume is not interchangeable with plain disk");
+        assert_eq!(v.without_volumes(), plain);
+        assert_eq!(v.volumes(), vec![("store".to_string(), VolumeSpec { persistence_id: "db1".into(), container_path: "data".into() }, 64.0)]);
+        assert_eq!(v.get_scalar("disk"), 64.0);
+        for (bad, why) in [
+            ("disk[db1:data]:64", "reserved"),
+            ("mem(store)[db1:data]:64", "only disk"),
+            ("disk(store)[db1:../etc]:64", ".."),
+            ("disk(store)[db1:/abs]:64", "relative"),
+            ("disk(store)[d b:data]:64", "persistence id"),
+            ("disk(store)[db1]:64", "[ID:PATH]"),
+        ] {
+            let err = Resources::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn json_summary_sums_roles() {
         let r = Resources::parse("cpus:1;cpus(a):1;ports:[1-2]").unwrap();
         let j = r.to_json_summary();
@@ -642,12 +770,12 @@ mod tests {
 
     fn arb_resources() -> impl Strategy<Value = Resources> {
         let scalar = (prop_oneof!["cpus", "mem", "disk"], prop::option::of("[ab]"), 0u32..100_000).prop_map(
-            |(name, role, milli)| Entry { name: name.to_string(), role, value: Value::Scalar(milli as i64) },
+            |(name, role, milli)| Entry { name: name.to_string(), role, volume: None, value: Value::Scalar(milli as i64) },
         );
         let ports = (prop::option::of("[ab]"), prop::collection::vec((0u64..200, 0u64..20), 1..4)).prop_map(
             |(role, spans)| {
                 let ranges: Vec<(u64, u64)> = spans.into_iter().map(|(b, len)| (b, b + len)).collect();
-                Entry { name: "ports".into(), role, value: Value::Ranges(range_union(&[], &ranges)) }
+                Entry { name: "ports".into(), role, volume: None, value: Value::Ranges(range_union(&[], &ranges)) }
             },
         );
         prop::collection::vec(prop_oneof![scalar, ports], 0..6).prop_map(|entries| {

@@ -672,6 +672,7 @@ async fn agent_configured_partly_through_the_environment_runs_tasks() {
     assert_eq!(state["agents"][0]["attributes"]["rack"], "r9");
     let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("t", "*", 60.0)).await;
     let offer = fw.launch_one("envtask", "echo master=${CORRAL_MASTER:-unset}", "cpus:0.1;mem:32").await;
+    assert!(offer.attributes.iter().any(|a| a.name == "rack" && a.value == "r9"), "attributes travel with offers: {:?}", offer.attributes);
     let s = fw.wait_terminal("envtask").await;
     assert_eq!(s.state, TaskState::TaskFinished as i32, "{}", s.message);
     // The agent's own configuration does not leak into tasks.

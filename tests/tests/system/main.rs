@@ -5,3 +5,4 @@ mod foundation;
 mod isolation;
 mod health;
 mod recovery;
+mod volumes;
