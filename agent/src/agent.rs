@@ -62,6 +62,8 @@ pub enum Event {
     TaskStarted { key: StreamKey, shim_pid: u32, pid: u32 },
     TaskLaunchFailed { key: StreamKey, message: String },
     TaskExited { key: StreamKey, record: Option<ExitRecord> },
+    /// The task's cgroup was emptied and removed (off the actor thread); now its end can be reported.
+    TaskReaped { key: StreamKey, record: Option<ExitRecord>, oom: bool },
     State { reply: oneshot::Sender<serde_json::Value> },
     HealthResult { key: StreamKey, result: Result<(), String> },
     /// Kill every task (SIGUSR1: drain before the agent goes away); replies when none is left running.
@@ -175,6 +177,7 @@ impl Agent {
                 self.update(&key, TaskState::TaskFailed, StatusReason::ReasonContainerLaunchFailed, message);
             }
             Event::TaskExited { key, record } => self.task_exited(key, record),
+            Event::TaskReaped { key, record, oom } => self.task_reaped(key, record, oom),
             Event::HealthResult { key, result } => self.health_result(key, result),
             Event::State { reply } => {
                 let _ = reply.send(self.state_json());
@@ -552,18 +555,31 @@ impl Agent {
         }
     }
 
+    /// The shim exited. Removing the cgroup (kill what is left, wait, rmdir) blocks, so it runs on a blocking
+    /// thread; the terminal update follows in [`Agent::task_reaped`], so that when a framework learns a task
+    /// ended, nothing of it is left running.
     fn task_exited(&mut self, key: StreamKey, record: Option<ExitRecord>) {
         let Some(t) = self.tasks.get_mut(&key) else { return };
         t.exited = true;
         if let Some(checker) = t.health_checker.take() {
             checker.abort();
         }
+        // Ask about OOM before the cgroup (and its counters) is removed.
+        let oom = self.isolator.oom_killed(&t.cgroup);
+        let (isolator, cgroup, events) = (self.isolator.clone(), t.cgroup.clone(), self.events.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = isolator.cleanup(&cgroup) {
+                warn!(cgroup = %cgroup, "isolation cleanup failed: {e}");
+            }
+            let _ = events.send(Event::TaskReaped { key, record, oom });
+        });
+    }
+
+    fn task_reaped(&mut self, key: StreamKey, record: Option<ExitRecord>, oom: bool) {
+        let Some(t) = self.tasks.get(&key) else { return };
         let unhealthy = t.unhealthy.clone();
         let killing = t.state == TaskState::TaskKilling;
         let mem_mib = t.limits.mem_mib;
-        // Ask about OOM before the cgroup (and its counters) is removed.
-        let oom = self.isolator.oom_killed(&t.cgroup);
-        self.cleanup_isolation(&key);
         let (state, reason, message) = match &record {
             _ if oom => (
                 TaskState::TaskFailed,
@@ -589,11 +605,15 @@ impl Agent {
         self.check_drained();
     }
 
+    /// Removes a task's cgroup in the background (for tasks that never started or whose shim is gone).
     fn cleanup_isolation(&self, key: &StreamKey) {
         let Some(t) = self.tasks.get(key) else { return };
-        if let Err(e) = self.isolator.cleanup(&t.cgroup) {
-            warn!(task = %key.1, "isolation cleanup failed: {e}");
-        }
+        let (isolator, cgroup) = (self.isolator.clone(), t.cgroup.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = isolator.cleanup(&cgroup) {
+                warn!(cgroup = %cgroup, "isolation cleanup failed: {e}");
+            }
+        });
     }
 
     fn kill(&mut self, key: &StreamKey, grace_override: Option<f64>) {

@@ -3,7 +3,9 @@
 //!
 //! * `allocator` — the pure allocator in-process: a full cycle with every agent free, the cycles of the
 //!   "every framework declines with a filter" shape (Mesos' DeclineOffers benchmark), and one incremental event;
-//! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches;
+//! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches,
+//!   with cgroups and without in one run;
+//! * `cgroups` — creating and removing one task's cgroups on this host;
 //! * `all` — both; `--smoke` runs each at a tiny size (for CI, so the bench never rots).
 
 use std::time::{Duration, Instant};
@@ -35,8 +37,13 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         roles: usize,
     },
-    /// accept → RUNNING latency with real processes.
+    /// accept → RUNNING latency with real processes, with cgroups and without.
     Launch {
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
+    /// Per-task cgroup setup and teardown on this host's hierarchy (needs root).
+    Cgroups {
         #[arg(long, default_value_t = 200)]
         count: usize,
     },
@@ -127,10 +134,12 @@ fn allocator(agents: usize, frameworks: usize, roles: usize) -> Vec<Row> {
     rows
 }
 
-async fn launch(count: usize) -> anyhow::Result<Vec<Row>> {
+async fn launch(count: usize, isolation: &'static str) -> anyhow::Result<Vec<Row>> {
     use corral_sdk::{OfferPool, TaskBuilder, TaskState};
     use corral_tests::{Cluster, ClusterSpec, FrameworkEvent, TestFramework};
-    let cluster = Cluster::start(ClusterSpec { agent_resources: "cpus:4;mem:4096;disk:1024".into(), ..ClusterSpec::default() }).await;
+    let mut spec = ClusterSpec { agent_resources: "cpus:4;mem:4096;disk:1024".into(), ..ClusterSpec::default() };
+    spec.agent_args.push(format!("--isolation={isolation}"));
+    let cluster = Cluster::start(spec).await;
     let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("bench", "*", 60.0)).await;
     let need = Resources::parse("cpus:0.01;mem:1").context("resources")?;
     let mut latencies = Vec::with_capacity(count);
@@ -150,10 +159,49 @@ async fn launch(count: usize) -> anyhow::Result<Vec<Row>> {
     let total = started.elapsed();
     latencies.sort();
     Ok(vec![
-        Row { scenario: "launch", metric: format!("accept -> RUNNING p50 ({count} sequential launches, no isolation)"), value: ms(percentile(&latencies, 0.5)), unit: "ms" },
-        Row { scenario: "launch", metric: "accept -> RUNNING p99".into(), value: ms(percentile(&latencies, 0.99)), unit: "ms" },
-        Row { scenario: "launch", metric: "accept -> RUNNING max".into(), value: ms(*latencies.last().unwrap_or(&Duration::ZERO)), unit: "ms" },
-        Row { scenario: "launch", metric: "sequential offer -> launch -> finish cycles".into(), value: count as f64 / total.as_secs_f64(), unit: "tasks/s" },
+        Row { scenario: "launch", metric: format!("[{isolation}] accept -> RUNNING p50 ({count} sequential launches)"), value: ms(percentile(&latencies, 0.5)), unit: "ms" },
+        Row { scenario: "launch", metric: format!("[{isolation}] accept -> RUNNING p99"), value: ms(percentile(&latencies, 0.99)), unit: "ms" },
+        Row { scenario: "launch", metric: format!("[{isolation}] accept -> RUNNING max"), value: ms(*latencies.last().unwrap_or(&Duration::ZERO)), unit: "ms" },
+        Row { scenario: "launch", metric: format!("[{isolation}] sequential offer -> launch -> finish cycles"), value: count as f64 / total.as_secs_f64(), unit: "tasks/s" },
+    ])
+}
+
+/// Launch latency with cgroups and without, measured in one run, and the ratio of their medians.
+async fn launch_both(count: usize) -> anyhow::Result<Vec<Row>> {
+    let mut rows = launch(count, "cgroups").await?;
+    rows.extend(launch(count, "none").await?);
+    let p50 = |tag: &str| rows.iter().find(|r| r.metric.starts_with(tag) && r.metric.contains("p50")).map(|r| r.value).unwrap_or(0.0);
+    let ratio = p50("[cgroups]") / p50("[none]").max(1e-9);
+    rows.push(Row { scenario: "launch", metric: "p50 with cgroups / p50 without".into(), value: ratio, unit: "x" });
+    Ok(rows)
+}
+
+/// Creating a task's cgroups with limits and removing them again, on this host's real hierarchy.
+fn cgroups(count: usize) -> anyhow::Result<Vec<Row>> {
+    use corral_agent::isolation::{IsolationConfig, Limits, build};
+    let root = format!("corral-bench-{}", std::process::id());
+    let isolator = build(&IsolationConfig { kind: "cgroups".into(), hierarchy: "/sys/fs/cgroup".into(), root: root.clone() })?;
+    let limits = Limits { cpus: 0.5, mem_mib: 64.0, cfs_quota: true, max_pids: Some(64) };
+    let (mut setup, mut teardown) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    for i in 0..count {
+        let task = format!("bench/fw+t{i}");
+        let t = Instant::now();
+        isolator.prepare(&task, &limits)?;
+        setup.push(t.elapsed());
+        let t = Instant::now();
+        isolator.cleanup(&task)?;
+        teardown.push(t.elapsed());
+    }
+    isolator.release("bench");
+    corral_tests::remove_cgroups(&root);
+    setup.sort();
+    teardown.sort();
+    let name = isolator.name();
+    Ok(vec![
+        Row { scenario: "cgroups", metric: format!("[{name}] setup (mkdir + limits) p50, {count} tasks"), value: ms(percentile(&setup, 0.5)), unit: "ms" },
+        Row { scenario: "cgroups", metric: format!("[{name}] setup p99"), value: ms(percentile(&setup, 0.99)), unit: "ms" },
+        Row { scenario: "cgroups", metric: format!("[{name}] teardown (freeze, kill, rmdir) p50"), value: ms(percentile(&teardown, 0.5)), unit: "ms" },
+        Row { scenario: "cgroups", metric: format!("[{name}] teardown p99"), value: ms(percentile(&teardown, 0.99)), unit: "ms" },
     ])
 }
 
@@ -178,10 +226,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Allocator { agents, frameworks, roles } => {
             rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(agents, frameworks, roles) })
         }
-        Scenario::Launch { count } => rows.extend(launch(if cli.smoke { 5 } else { count }).await?),
+        Scenario::Launch { count } => rows.extend(launch_both(if cli.smoke { 5 } else { count }).await?),
+        Scenario::Cgroups { count } => rows.extend(cgroups(if cli.smoke { 5 } else { count })?),
         Scenario::All => {
             rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
-            rows.extend(launch(if cli.smoke { 5 } else { 200 }).await?);
+            rows.extend(launch_both(if cli.smoke { 5 } else { 200 }).await?);
+            rows.extend(cgroups(if cli.smoke { 5 } else { 200 })?);
         }
     }
     print(&rows)
