@@ -356,6 +356,13 @@ impl Agent {
         }
         match Resources::from_proto(&ops.total) {
             Ok(total) => {
+                // Every volume of the total has its directory, even if the CREATE itself was missed.
+                for (role, v, _) in total.volumes() {
+                    let dir = self.launcher.volume_dir(&role, &v.persistence_id);
+                    if let Err(e) = std::fs::create_dir_all(&dir) {
+                        warn!(volume = %v.persistence_id, dir = %dir.display(), "cannot create the volume directory: {e}");
+                    }
+                }
                 if let Err(e) = self.checkpoint.save_resources(&total) {
                     warn!("cannot checkpoint the agent's resources: {e}");
                 }

@@ -1165,7 +1165,7 @@ impl Master {
         if info.port == 0 || info.port > u16::MAX as u32 {
             return Err(fail(format!("REGISTER: agent_info.port {} is not a valid port", info.port)));
         }
-        let total = Resources::from_proto(&info.resources).map_err(|e| fail(format!("REGISTER: {e}")))?;
+        let mut total = Resources::from_proto(&info.resources).map_err(|e| fail(format!("REGISTER: {e}")))?;
         let reregister = !info.id.is_empty();
         let agent_id = if reregister {
             AgentId::new(info.id.clone()).map_err(|e| fail(format!("REGISTER: {e}")))?
@@ -1189,6 +1189,18 @@ impl Master {
             reported.push((fid, tid, task, status, res));
         }
         let registered_time = self.agents.get(&agent_id).map(|a| a.registered_time).unwrap_or_else(now_seconds);
+        // Reservations and volumes are recorded by the master before the agent hears of them: when an agent
+        // comes back with the same resources but older reservations (it missed an ApplyOperations), the master's
+        // record wins and is sent to it again.
+        let mut resend_total = false;
+        if let Some(known) = self.agents.get(&agent_id)
+            && known.total != total
+            && known.total.flatten() == total.flatten()
+        {
+            warn!(agent = %agent_id, agent_view = %total, master_view = %known.total, "agent missed reservation changes; resending them");
+            total = known.total.clone();
+            resend_total = true;
+        }
         let changed = self.agents.get(&agent_id).is_none_or(|a| a.total != total || a.info.hostname != info.hostname);
         if changed {
             self.registry
@@ -1308,6 +1320,13 @@ impl Master {
                 heartbeat_interval_seconds: self.config.agent_heartbeat_interval.as_secs_f64(),
             })),
         }));
+        if resend_total {
+            let total = self.agents[&agent_id].total.to_proto();
+            self.send_to_agent(
+                &agent_id,
+                master_message::Message::ApplyOperations(master_message::ApplyOperations { operations: Vec::new(), total }),
+            );
+        }
         for (fid, tid, grace) in kills {
             self.send_to_agent(
                 &agent_id,

@@ -552,32 +552,47 @@ impl TestFramework {
         .await
     }
 
-    /// Outstanding offers of one agent whose resources together satisfy `pick` (to accept them at once); the
-    /// rest are declined (refuse 0) so they come back, and other events are kept for later helpers.
+    /// Outstanding offers of one agent whose resources together satisfy `pick` (to accept them at once).
     pub async fn live_offers(&mut self, pick: impl Fn(&corral_sdk::Resources) -> bool) -> Vec<v1::Offer> {
+        self.pick_live(|live| {
+            let mut agents: Vec<&str> = live.iter().map(|o| o.agent_id.as_str()).collect();
+            agents.dedup();
+            let agent = agents.into_iter().find(|a| {
+                let mut union = corral_sdk::Resources::new();
+                for o in live.iter().filter(|o| o.agent_id == *a) {
+                    union.add(&corral_sdk::Resources::from_proto(&o.resources).unwrap_or_default());
+                }
+                pick(&union)
+            })?;
+            Some(live.iter().enumerate().filter(|(_, o)| o.agent_id == agent).map(|(i, _)| i).collect())
+        })
+        .await
+    }
+
+    /// The first offer still outstanding (not rescinded) that `pick` accepts.
+    pub async fn live_offer(&mut self, pick: impl Fn(&v1::Offer) -> bool) -> v1::Offer {
+        self.pick_live(|live| live.iter().position(&pick).map(|i| vec![i])).await.remove(0)
+    }
+
+    /// Gathers outstanding offers (honouring RESCIND) until `choose` picks some of them; the others are declined
+    /// (refuse 0) so they come back, and events other than offers are kept for later helpers.
+    async fn pick_live(&mut self, choose: impl Fn(&[v1::Offer]) -> Option<Vec<usize>>) -> Vec<v1::Offer> {
         let deadline = Instant::now() + WAIT;
         let mut live: Vec<v1::Offer> = Vec::new();
         let mut kept = Vec::new();
-        let found = loop {
+        let chosen = loop {
+            // Take in everything already queued before choosing, so rescinds are seen.
             let wait = if live.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::from_millis(100) };
             match self.next(wait).await {
                 Some(FrameworkEvent::Offers(o)) => live.extend(o),
                 Some(FrameworkEvent::Rescinded(id)) => live.retain(|o| o.id != id),
                 Some(other) => kept.push(other),
                 None => {
-                    let mut agents: Vec<String> = live.iter().map(|o| o.agent_id.clone()).collect();
-                    agents.dedup();
-                    let hit = agents.into_iter().find(|a| {
-                        let mut union = corral_sdk::Resources::new();
-                        for o in live.iter().filter(|o| &o.agent_id == a) {
-                            union.add(&corral_sdk::Resources::from_proto(&o.resources).unwrap_or_default());
-                        }
-                        pick(&union)
-                    });
-                    if let Some(agent) = hit {
-                        let (mine, rest): (Vec<_>, Vec<_>) = live.drain(..).partition(|o| o.agent_id == agent);
-                        live = rest;
-                        break mine;
+                    if let Some(indexes) = choose(&live) {
+                        let (mine, rest): (Vec<_>, Vec<_>) =
+                            live.drain(..).enumerate().partition(|(i, _)| indexes.contains(i));
+                        live = rest.into_iter().map(|(_, o)| o).collect();
+                        break mine.into_iter().map(|(_, o)| o).collect();
                     }
                     for o in live.drain(..) {
                         let _ = self.driver.decline([&o.id], Some(0.0)).await;
@@ -590,38 +605,7 @@ impl TestFramework {
             let _ = self.driver.decline([&o.id], Some(0.0)).await;
         }
         self.backlog.extend(kept);
-        found
-    }
-
-    /// The first offer still outstanding (not rescinded) that `pick` accepts; offers it passes over are declined
-    /// (refuse 0) so they come back, and other events are kept for later helpers.
-    pub async fn live_offer(&mut self, pick: impl Fn(&v1::Offer) -> bool) -> v1::Offer {
-        let deadline = Instant::now() + WAIT;
-        let mut live: Vec<v1::Offer> = Vec::new();
-        let mut kept = Vec::new();
-        let found = loop {
-            // Take in everything already queued before choosing, so rescinds are seen.
-            let wait = if live.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::from_millis(100) };
-            match self.next(wait).await {
-                Some(FrameworkEvent::Offers(o)) => live.extend(o),
-                Some(FrameworkEvent::Rescinded(id)) => live.retain(|o| o.id != id),
-                Some(other) => kept.push(other),
-                None => {
-                    if let Some(i) = live.iter().position(&pick) {
-                        break live.remove(i);
-                    }
-                    for o in live.drain(..) {
-                        let _ = self.driver.decline([&o.id], Some(0.0)).await;
-                    }
-                    assert!(Instant::now() < deadline, "no matching offer within {WAIT:?}");
-                }
-            }
-        };
-        for o in live {
-            let _ = self.driver.decline([&o.id], Some(0.0)).await;
-        }
-        self.backlog.extend(kept);
-        found
+        chosen
     }
 
     /// Waits for an update of `task_id` into `state`.

@@ -126,3 +126,35 @@ async fn cli_execute_with_a_volume_keeps_data_between_runs() {
     assert_ne!(code, 0);
     assert!(err.contains("container path"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_that_missed_a_reservation_change_gets_it_again_on_reregistration() {
+    let mut cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("db", "store", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let volume = Resources::volume("store", "kept", "data", 16.0);
+    fw.driver
+        .accept([&offer.id], vec![ops::reserve(&res("disk(store):16")), ops::create(&volume)], Some(0.0))
+        .await
+        .unwrap();
+    let work = cluster.agent_dir(0).canonicalize().unwrap();
+    let checkpoint = work.join("meta/resources");
+    let deadline = Instant::now() + corral_tests::WAIT;
+    while !std::fs::read_to_string(&checkpoint).unwrap_or_default().contains("[kept:data]") {
+        assert!(Instant::now() < deadline, "the agent never checkpointed the volume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent goes down and comes back as if the CREATE had never reached it.
+    cluster.agents[0].as_ref().unwrap().signal(Signal::SIGKILL);
+    cluster.agents[0].as_mut().unwrap().wait_timeout(corral_tests::WAIT);
+    std::fs::remove_file(&checkpoint).unwrap();
+    std::fs::remove_dir_all(work.join("volumes")).unwrap();
+    cluster.start_agent(0);
+    cluster.wait_agents_registered(1).await;
+    let state = cluster.state().await;
+    assert!(state["agents"][0]["resources_text"].as_str().unwrap().contains("[kept:data]"), "the master kept the volume");
+    while !(std::fs::read_to_string(&checkpoint).unwrap_or_default().contains("[kept:data]") && work.join("volumes/store/kept").is_dir()) {
+        assert!(Instant::now() < deadline, "the agent did not get the volume back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
