@@ -10,6 +10,7 @@
 //! * [`http`] — `/state` and sandbox file reads.
 
 pub mod agent;
+pub mod check;
 pub mod checkpoint;
 pub mod detect;
 pub mod health;

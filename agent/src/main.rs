@@ -86,11 +86,37 @@ fn init_logging(format: &str) {
     if format == "json" { builder.json().init() } else { builder.init() }
 }
 
+/// Checks on this node that task isolation really works (memory limit and OOM detection, kill of every
+/// process with its cgroup), using the real kernel and shim. Needs root.
+#[derive(Debug, Parser)]
+#[command(name = "corral-agent check-isolation")]
+struct CheckCli {
+    /// Where cgroup file systems are mounted.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroups_hierarchy: std::path::PathBuf,
+    /// Cgroup root used for the check (removed afterwards).
+    #[arg(long, default_value = "corral-check")]
+    cgroup_root: String,
+}
+
 fn main() -> anyhow::Result<()> {
     let mut argv = std::env::args_os();
-    if argv.nth(1).is_some_and(|a| a == "shim") {
-        let shim = ShimCli::parse_from(std::iter::once("corral-agent shim".into()).chain(argv));
-        return shim::run(&shim.run_dir);
+    match argv.nth(1) {
+        Some(a) if a == "shim" => {
+            let shim = ShimCli::parse_from(std::iter::once("corral-agent shim".into()).chain(argv));
+            return shim::run(&shim.run_dir);
+        }
+        Some(a) if a == "check-isolation" => {
+            let check = CheckCli::parse_from(std::iter::once("corral-agent check-isolation".into()).chain(argv));
+            let config = isolation::IsolationConfig {
+                kind: "cgroups".into(),
+                hierarchy: check.cgroups_hierarchy,
+                root: check.cgroup_root,
+            };
+            let ok = tokio::runtime::Runtime::new()?.block_on(corral_agent::check::run(&config))?;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        _ => {}
     }
     let cli = Cli::parse();
     tokio::runtime::Runtime::new()?.block_on(agent_main(cli.args))

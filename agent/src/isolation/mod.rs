@@ -100,7 +100,8 @@ pub trait Isolator: Send + Sync {
     fn usage(&self, task: &str) -> Option<Usage>;
     /// Kills everything still in the task's cgroup and removes it. Idempotent; touches nothing else.
     fn cleanup(&self, task: &str) -> Result<(), IsolationError>;
-    /// Removes the agent's own (empty) cgroup directory when the agent is decommissioned.
+    /// Removes the agent's own (empty) cgroup directory when the agent is decommissioned, and the shared root if
+    /// no other agent uses it.
     fn release(&self, _agent_id: &str) {}
 }
 

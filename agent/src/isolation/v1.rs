@@ -134,6 +134,8 @@ impl Isolator for CgroupV1 {
     fn release(&self, agent_id: &str) {
         for (_, base) in &self.roots {
             let _ = std::fs::remove_dir(base.join(check_rel(agent_id)));
+            // The shared root goes too once no agent uses it (rmdir refuses while it has children).
+            let _ = std::fs::remove_dir(base);
         }
     }
 }

@@ -92,7 +92,10 @@ impl Isolator for CgroupV2 {
 
     fn prepare(&self, task: &str, limits: &Limits) -> Result<Vec<PathBuf>, IsolationError> {
         let dir = self.dir(task);
-        // Every ancestor between the root and the task must delegate the controllers to its children.
+        // Every ancestor from the root to the task's parent must delegate the controllers to its children (the
+        // root too: another agent may have removed and recreated it).
+        cgroupfs::create_dir(&self.base)?;
+        self.enable(&self.base)?;
         let mut ancestor = self.base.clone();
         for part in Path::new(task).parent().into_iter().flat_map(|p| p.components()) {
             ancestor.push(part);
@@ -140,6 +143,7 @@ impl Isolator for CgroupV2 {
 
     fn release(&self, agent_id: &str) {
         let _ = std::fs::remove_dir(self.dir(agent_id));
+        let _ = std::fs::remove_dir(&self.base);
     }
 }
 

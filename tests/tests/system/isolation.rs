@@ -225,3 +225,19 @@ fn cgroup_v2_kills_everything_in_the_cgroup_and_removes_it_on_a_real_mount() {
     assert!(!dir.exists());
     iso.cleanup("agent-x/fw+t").unwrap();
 }
+
+#[test]
+fn check_isolation_proves_this_node_isolates_tasks() {
+    let root = format!("corral-test-check-{}", std::process::id());
+    let out = std::process::Command::new(corral_tests::bin("corral-agent"))
+        .args(["check-isolation", &format!("--cgroup-root={root}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    corral_tests::remove_cgroups(&root);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), 4, "{text}");
+    for mount in corral_tests::cgroup_mounts() {
+        assert!(!mount.join(&root).exists(), "the check left {}", mount.join(&root).display());
+    }
+}
