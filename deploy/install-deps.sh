@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Installs what building and testing corral needs on Debian, idempotently. Runs apt-get only when a package is
-# missing. Needs root (or sudo).
+# Installs what building corral needs on Debian, plus any packages named as arguments, idempotently. Runs apt-get
+# only when a package is missing. Needs root (or sudo).
 set -euo pipefail
 
 # protobuf-compiler: protoc for generating our gRPC code (and etcd-client's, later).
-# python3: the system tests run a small HTTP server as a task (python3 -m http.server) to health-check it.
-# util-linux: taskset, used by the cpu-share test to pin tasks to one core.
-PACKAGES=(protobuf-compiler ca-certificates python3 util-linux)
+PACKAGES=(protobuf-compiler ca-certificates "$@")
 
 missing=()
 for p in "${PACKAGES[@]}"; do

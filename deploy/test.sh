@@ -3,11 +3,14 @@
 # (real master/agent/task processes). One debug build is shared by all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/install-deps.sh
+# python3: a task runs python3 -m http.server to be health-checked; util-linux: taskset pins tasks to one core;
+# qemu-system-x86, busybox-static, cpio: a VM with a real cgroup v2 kernel for the agent's v2 backend.
+bash deploy/install-deps.sh python3 util-linux qemu-system-x86 busybox-static cpio
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --bins
 cargo test --workspace --doc --quiet
 ./target/debug/corral-bench all --smoke
+bash tests/vm/cgroup-v2.sh target/debug/corral-agent
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
 else
