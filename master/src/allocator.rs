@@ -674,13 +674,18 @@ mod tests {
     fn roles(r: &[&str]) -> Vec<String> {
         r.iter().map(|s| s.to_string()).collect()
     }
+    /// An allocator with agent-1 holding `resources` and fw-1 subscribed to `role`.
+    fn one_agent_one_framework(resources: &str, role: &str) -> Allocator {
+        let mut a = Allocator::new(AllocatorConfig::default());
+        a.add_agent(agent(1), res(resources), vec![]).unwrap();
+        a.add_framework(fw(1), &roles(&[role]), true).unwrap();
+        a
+    }
 
     #[test]
     fn offers_an_agent_to_the_only_framework_once() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:4;mem:1024", "*");
         let now = Instant::now();
-        a.add_agent(agent(1), res("cpus:4;mem:1024"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         let offers = a.allocate(now);
         assert_eq!(offers.len(), 1);
         assert_eq!(offers[0].resources, res("cpus:4;mem:1024"));
@@ -757,10 +762,8 @@ mod tests {
 
     #[test]
     fn decline_filter_holds_until_it_expires_or_revive() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:1;mem:128", "*");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:1;mem:128"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         let o = a.allocate(t0).pop().unwrap();
         a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, Some((t0, Duration::from_secs(5))));
         assert!(a.allocate(t0 + Duration::from_secs(1)).is_empty());
@@ -778,10 +781,8 @@ mod tests {
 
     #[test]
     fn filter_does_not_hide_more_resources_than_were_declined() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:2;mem:256", "*");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:2;mem:256"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         a.track_used(&agent(1), &fw(1), "*", &res("cpus:1;mem:128"));
         let o = a.allocate(t0).pop().unwrap();
         assert_eq!(o.resources, res("cpus:1;mem:128"));
@@ -794,10 +795,8 @@ mod tests {
 
     #[test]
     fn suppressed_and_inactive_frameworks_get_nothing() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:1;mem:128", "*");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:1;mem:128"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         a.suppress(&fw(1), &[]);
         assert!(a.allocate(t0).is_empty());
         a.revive(&fw(1), &[]);
@@ -825,10 +824,8 @@ mod tests {
 
     #[test]
     fn reserved_resources_go_only_to_their_role() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:1;mem:128;cpus(store):2;mem(store):256", "web");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:1;mem:128;cpus(store):2;mem(store):256"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["web"]), true).unwrap();
         let offers = a.allocate(t0);
         assert_eq!(offers.len(), 1);
         assert_eq!(offers[0].resources, res("cpus:1;mem:128"));
@@ -841,10 +838,8 @@ mod tests {
 
     #[test]
     fn removing_a_framework_recovers_its_resources() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:1;mem:128", "*");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:1;mem:128"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         assert_eq!(a.allocate(t0).len(), 1);
         a.remove_framework(&fw(1));
         assert_eq!(a.free(&agent(1)).unwrap(), &res("cpus:1;mem:128"));
@@ -855,9 +850,7 @@ mod tests {
 
     #[test]
     fn recovering_more_than_allocated_mints_nothing() {
-        let mut a = Allocator::new(AllocatorConfig::default());
-        a.add_agent(agent(1), res("cpus:1;mem:128"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
+        let mut a = one_agent_one_framework("cpus:1;mem:128", "*");
         a.track_used(&agent(1), &fw(1), "*", &res("cpus:0.5"));
         a.recover(&agent(1), &fw(1), "*", &res("cpus:5;mem:999"), None);
         assert_eq!(a.free(&agent(1)).unwrap(), &res("cpus:1;mem:128"));
@@ -867,10 +860,8 @@ mod tests {
 
     #[test]
     fn unchanged_cluster_skips_the_cycle() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:1;mem:128", "*");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:1;mem:128"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["*"]), true).unwrap();
         let o = a.allocate(t0).pop().unwrap();
         a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, Some((t0, Duration::from_secs(5))));
         assert!(a.allocate(t0).is_empty());
@@ -879,10 +870,8 @@ mod tests {
 
     #[test]
     fn conversions_keep_the_books_balanced() {
-        let mut a = Allocator::new(AllocatorConfig::default());
+        let mut a = one_agent_one_framework("cpus:2;mem:256;disk:100", "db");
         let t0 = Instant::now();
-        a.add_agent(agent(1), res("cpus:2;mem:256;disk:100"), vec![]).unwrap();
-        a.add_framework(fw(1), &roles(&["db"]), true).unwrap();
         let o = a.allocate(t0).pop().unwrap();
         let unreserved = res("cpus:1;disk:50");
         let reserved = unreserved.with_role(Some("db"));
