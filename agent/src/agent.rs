@@ -422,23 +422,27 @@ impl Agent {
         }
         self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());
 
-        let cgroup_procs = match self.isolator.prepare(&cgroup, &limits) {
-            Ok(procs) => procs,
-            Err(e) => {
-                let _ = self.events.send(Event::TaskLaunchFailed { key, message: format!("isolation: {e}") });
-                return;
-            }
-        };
         let mut spec = self.shim_spec(&fid, &info, &sandbox, &resources);
-        spec.cgroup_procs = cgroup_procs;
         let volumes: Vec<(PathBuf, String)> = resources
             .volumes()
             .into_iter()
             .map(|(role, v, _)| (self.launcher.volume_dir(&role, &v.persistence_id), v.container_path))
             .collect();
+        let isolator = self.isolator.clone();
         let launcher = self.launcher.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
+            // Creating cgroups blocks (mkdir and writes in every hierarchy): off the actor thread.
+            let prepared = tokio::task::spawn_blocking(move || isolator.prepare(&cgroup, &limits).map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            spec.cgroup_procs = match prepared {
+                Ok(procs) => procs,
+                Err(e) => {
+                    let _ = events.send(Event::TaskLaunchFailed { key, message: format!("isolation: {e}") });
+                    return;
+                }
+            };
             match launcher.launch(&run_dir, &spec, &volumes).await {
                 Ok(mut started) => {
                     let shim_pid = started.shim.id().unwrap_or(0);
