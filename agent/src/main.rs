@@ -30,6 +30,9 @@ struct ShimCli {
 
 #[derive(Debug, clap::Args)]
 struct Args {
+    /// TOML file of settings, keyed by flag name (e.g. work-dir = "/var/lib/corral"); flags and CORRAL_* win.
+    #[arg(long, env = "CORRAL_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Master address(es): host:port[,host:port...].
     #[arg(long, env = "CORRAL_MASTER")]
     master: String,
@@ -118,7 +121,11 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let cli = Cli::parse();
+    let known: Vec<String> = {
+        use clap::CommandFactory;
+        Cli::command().get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
+    };
+    let cli = Cli::parse_from(corral_proto::config::expand_process_args(&known));
     tokio::runtime::Runtime::new()?.block_on(agent_main(cli.args))
 }
 

@@ -10,6 +10,9 @@ use corral_master::{MasterConfig, registry};
 #[derive(Debug, Parser)]
 #[command(name = "corral-master", version)]
 struct Args {
+    /// TOML file of settings, keyed by flag name (e.g. work-dir = "/var/lib/corral"); flags and CORRAL_* win.
+    #[arg(long, env = "CORRAL_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "CORRAL_IP", default_value = "0.0.0.0")]
     ip: std::net::IpAddr,
@@ -70,7 +73,11 @@ fn init_logging(format: &str) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let known: Vec<String> = {
+        use clap::CommandFactory;
+        Args::command().get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect()
+    };
+    let args = Args::parse_from(corral_proto::config::expand_process_args(&known));
     init_logging(&args.log_format);
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("cannot create --work-dir {}", args.work_dir.display()))?;

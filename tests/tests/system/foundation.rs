@@ -678,3 +678,56 @@ async fn agent_configured_partly_through_the_environment_runs_tasks() {
     // The agent's own configuration does not leak into tasks.
     assert_eq!(cluster.sandbox_file(&offer.agent_id, "envtask", "stdout").await, "master=unset\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_and_agent_read_a_config_file_that_flags_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = corral_tests::free_port();
+    let master_toml = dir.path().join("master.toml");
+    std::fs::write(&master_toml, format!("ip = \"127.0.0.1\"\nport = {port}\nwork_dir = \"{}\"\nweights = \"batch=2\"\n", dir.path().join("m").display())).unwrap();
+    let _master = corral_tests::Process::spawn("master", &corral_tests::bin("corral-master"), &[format!("--config={}", master_toml.display())], dir.path());
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(&agent_toml, format!(
+        "master = \"127.0.0.1:{port}\"\nip = \"127.0.0.1\"\nport = 0\nwork-dir = \"{}\"\nresources = \"cpus:3;mem:300\"\nisolation = \"none\"\n",
+        dir.path().join("a").display()
+    )).unwrap();
+    // The flag wins over the file's resources.
+    let _agent = corral_tests::Process::spawn(
+        "agent",
+        &corral_tests::bin("corral-agent"),
+        &[format!("--config={}", agent_toml.display()), "--resources=cpus:1;mem:100".into()],
+        dir.path(),
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    let state: serde_json::Value = loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/state")).send().await
+            && let Ok(s) = r.json::<serde_json::Value>().await
+            && s["agents"].as_array().is_some_and(|a| !a.is_empty())
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "cluster from config files never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state["agents"][0]["resources"]["cpus"], 1.0);
+    assert_eq!(state["agents"][0]["resources"]["mem"], 100.0);
+    // The file's weights reached the allocator.
+    let _fw = TestFramework::start(&format!("127.0.0.1:{port}"), TestFramework::info("b", "batch", 60.0)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state: serde_json::Value = http.get(format!("http://127.0.0.1:{port}/state")).send().await.unwrap().json().await.unwrap();
+        if let Some(role) = state["roles"].as_array().unwrap().iter().find(|r| r["name"] == "batch") {
+            assert_eq!(role["weight"], 2.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "role batch never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A misspelt setting is named.
+    std::fs::write(&master_toml, "prot = 1\n").unwrap();
+    let out = std::process::Command::new(corral_tests::bin("corral-master")).arg(format!("--config={}", master_toml.display())).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("\"prot\"") && err.contains("unknown setting"), "{err}");
+}
