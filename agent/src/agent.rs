@@ -92,6 +92,40 @@ struct TaskRun {
     unhealthy: Option<String>,
 }
 
+impl TaskRun {
+    /// A task that has not started (or been re-attached) yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        framework: v1::FrameworkInfo,
+        info: v1::TaskInfo,
+        state: TaskState,
+        latest: v1::TaskStatus,
+        sandbox: PathBuf,
+        run_dir: PathBuf,
+        cgroup: String,
+        limits: Limits,
+    ) -> TaskRun {
+        TaskRun {
+            framework,
+            info,
+            state,
+            latest,
+            sandbox,
+            run_dir,
+            shim_pid: None,
+            pid: None,
+            kill_requested: None,
+            exited: false,
+            cgroup,
+            limits,
+            usage: None,
+            health: None,
+            health_checker: None,
+            unhealthy: None,
+        }
+    }
+}
+
 /// The agent's state. Mutated only by [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
@@ -213,27 +247,20 @@ impl Agent {
             let key: StreamKey = (framework.id.clone(), info.task_id.clone());
             let resources = Resources::from_proto(&info.resources).unwrap_or_default();
             let shim_pid = self.launcher.live_shim(&run_dir);
-            self.tasks.insert(
-                key.clone(),
-                TaskRun {
-                    sandbox: self.launcher.sandbox_dir(&key.0, &key.1),
-                    run_dir: run_dir.clone(),
-                    shim_pid,
-                    pid: self.launcher.task_pid(&run_dir),
-                    kill_requested: None,
-                    exited: state.is_terminal(),
-                    cgroup: isolation::task_path(&agent_id, &key.0, &key.1),
-                    limits: Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids),
-                    usage: None,
-                    health: None,
-                    health_checker: None,
-                    unhealthy: None,
-                    framework,
-                    info,
-                    state,
-                    latest,
-                },
+            let mut run = TaskRun::new(
+                framework,
+                info,
+                state,
+                latest,
+                self.launcher.sandbox_dir(&key.0, &key.1),
+                run_dir.clone(),
+                isolation::task_path(&agent_id, &key.0, &key.1),
+                Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids),
             );
+            run.shim_pid = shim_pid;
+            run.pid = self.launcher.task_pid(&run_dir);
+            run.exited = state.is_terminal();
+            self.tasks.insert(key.clone(), run);
             self.updates.restore(key.clone(), replayed.pending, now);
             recovered += 1;
             if state.is_terminal() {
@@ -396,27 +423,17 @@ impl Agent {
         let agent_id = self.agent_id.clone().unwrap_or_default();
         let cgroup = isolation::task_path(&agent_id, fid.as_str(), tid.as_str());
         let placeholder = self.status_for(&key, TaskState::TaskStaging, StatusReason::ReasonUnspecified, String::new());
-        self.tasks.insert(
-            key.clone(),
-            TaskRun {
-                framework: framework.clone(),
-                info: info.clone(),
-                state: TaskState::TaskStaging,
-                latest: placeholder,
-                sandbox: sandbox.clone(),
-                run_dir: run_dir.clone(),
-                shim_pid: None,
-                pid: None,
-                kill_requested: None,
-                exited: false,
-                cgroup: cgroup.clone(),
-                limits: limits.clone(),
-                usage: None,
-                health: None,
-                health_checker: None,
-                unhealthy: None,
-            },
+        let run = TaskRun::new(
+            framework.clone(),
+            info.clone(),
+            TaskState::TaskStaging,
+            placeholder,
+            sandbox.clone(),
+            run_dir.clone(),
+            cgroup.clone(),
+            limits.clone(),
         );
+        self.tasks.insert(key.clone(), run);
         if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info) {
             warn!(task = %tid, "cannot checkpoint the task: {e}");
         }
