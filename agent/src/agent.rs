@@ -254,7 +254,9 @@ impl Agent {
                 latest,
                 self.launcher.sandbox_dir(&key.0, &key.1),
                 run_dir.clone(),
-                isolation::task_path(&agent_id, &key.0, &key.1),
+                self.checkpoint
+                    .task_cgroup(&run_dir)
+                    .unwrap_or_else(|| isolation::task_path(&agent_id, &key.0, &key.1, |_| false)),
                 Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids),
             );
             run.shim_pid = shim_pid;
@@ -421,7 +423,9 @@ impl Agent {
         let resources = Resources::from_proto(&info.resources).unwrap_or_default();
         let limits = Limits::from_resources(&resources, self.config.cfs_quota, self.config.max_pids);
         let agent_id = self.agent_id.clone().unwrap_or_default();
-        let cgroup = isolation::task_path(&agent_id, fid.as_str(), tid.as_str());
+        let cgroup = isolation::task_path(&agent_id, fid.as_str(), tid.as_str(), |p| {
+            self.tasks.values().any(|t| t.cgroup == p)
+        });
         let placeholder = self.status_for(&key, TaskState::TaskStaging, StatusReason::ReasonUnspecified, String::new());
         let run = TaskRun::new(
             framework.clone(),
@@ -434,7 +438,7 @@ impl Agent {
             limits.clone(),
         );
         self.tasks.insert(key.clone(), run);
-        if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info) {
+        if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info, &cgroup) {
             warn!(task = %tid, "cannot checkpoint the task: {e}");
         }
         self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());

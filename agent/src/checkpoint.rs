@@ -127,11 +127,19 @@ impl Checkpoint {
         Some((framework, task, replay(&journal)))
     }
 
-    pub fn save_task(&self, run_dir: &Path, framework: &v1::FrameworkInfo, task: &v1::TaskInfo) -> std::io::Result<()> {
+    pub fn save_task(&self, run_dir: &Path, framework: &v1::FrameworkInfo, task: &v1::TaskInfo, cgroup: &str) -> std::io::Result<()> {
         use prost::Message;
         std::fs::create_dir_all(run_dir)?;
         std::fs::write(run_dir.join("framework.pb"), framework.encode_to_vec())?;
+        std::fs::write(run_dir.join("cgroup"), cgroup)?;
         std::fs::write(run_dir.join("task.pb"), task.encode_to_vec())
+    }
+
+    /// The cgroup path chosen for the task at launch.
+    pub fn task_cgroup(&self, run_dir: &Path) -> Option<String> {
+        let path = std::fs::read_to_string(run_dir.join("cgroup")).ok()?;
+        // Written by us from validated ids; refuse anything else rather than follow it.
+        (!path.is_empty() && !path.split('/').any(|c| c.is_empty() || c == "." || c == "..")).then_some(path)
     }
 
     /// Appends an update to the task's journal and syncs it before the update may be sent.

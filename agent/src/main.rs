@@ -60,7 +60,7 @@ struct Args {
     /// Where cgroup file systems are mounted.
     #[arg(long, env = "CORRAL_CGROUPS_HIERARCHY", default_value = "/sys/fs/cgroup")]
     cgroups_hierarchy: std::path::PathBuf,
-    /// Name of corral's cgroup in each hierarchy; tasks live in <root>/<agent-id>/<framework>+<task>.
+    /// Name of corral's cgroup in each hierarchy; tasks live in <root>/<agent-id>/<task-id>.
     #[arg(long, env = "CORRAL_CGROUP_ROOT", default_value = "corral")]
     cgroup_root: String,
     /// Hard-cap each task's cpu time at its cpus (CFS quota) instead of only weighting it.

@@ -154,10 +154,11 @@ pub fn build(config: &IsolationConfig) -> Result<Box<dyn Isolator>, IsolationErr
     }
 }
 
-/// The cgroup path of a task below the root.
-pub fn task_path(agent_id: &str, framework_id: &str, task_id: &str) -> String {
-    // '+' never appears in ids, so the name is unambiguous.
-    format!("{agent_id}/{framework_id}+{task_id}")
+/// The cgroup path of a task below the root: `<agent-id>/<task-id>`, or, when `taken` says another framework's task
+/// on this agent already holds that name, `<agent-id>/<task-id>+<framework-id>` ('+' never appears in ids).
+pub fn task_path(agent_id: &str, framework_id: &str, task_id: &str, taken: impl Fn(&str) -> bool) -> String {
+    let plain = format!("{agent_id}/{task_id}");
+    if taken(&plain) { format!("{plain}+{framework_id}") } else { plain }
 }
 
 fn check_rel(task: &str) -> &Path {
@@ -178,6 +179,12 @@ mod tests {
         assert_eq!(l.mem_bytes(), 64 * 1024 * 1024);
         let tiny = Limits::from_resources(&Resources::parse("cpus:0.001;mem:1").unwrap(), true, None);
         assert_eq!((tiny.cpu_shares(), tiny.cfs_quota_us()), (2, 1000));
+    }
+
+    #[test]
+    fn task_paths_follow_the_documented_layout_and_never_collide() {
+        assert_eq!(task_path("a1", "fw1", "web", |_| false), "a1/web");
+        assert_eq!(task_path("a1", "fw2", "web", |p| p == "a1/web"), "a1/web+fw2");
     }
 
     #[test]

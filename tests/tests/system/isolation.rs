@@ -241,3 +241,28 @@ fn check_isolation_proves_this_node_isolates_tasks() {
         assert!(!mount.join(&root).exists(), "the check left {}", mount.join(&root).display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_cgroups_follow_the_documented_layout_even_when_two_frameworks_share_a_task_id() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut one = TestFramework::start(&cluster.master_addr(), TestFramework::info("one", "*", 60.0)).await;
+    let offer = one.launch_one("same", "sleep 600", "cpus:0.1;mem:32").await;
+    one.wait_update("same", TaskState::TaskRunning).await;
+    // `one` gives back what it still holds, so `two` is offered the rest of the agent.
+    one.driver.suppress(Vec::new()).await.unwrap();
+    let held = one.live_offer(|_| true).await;
+    one.driver.decline([&held.id], Some(3600.0)).await.unwrap();
+    let mut two = TestFramework::start(&cluster.master_addr(), TestFramework::info("two", "*", 60.0)).await;
+    two.launch_one("same", "sleep 600", "cpus:0.1;mem:32").await;
+    two.wait_update("same", TaskState::TaskRunning).await;
+    let agent = offer.agent_id.clone();
+    let documented = PathBuf::from("/sys/fs/cgroup/memory").join(&cluster.cgroup_root).join(&agent).join("same");
+    let second = PathBuf::from(format!("{}+{}", documented.display(), two.framework_id));
+    assert!(documented.is_dir(), "{} (<cgroup-root>/<agent-id>/<task-id>)", documented.display());
+    assert!(second.is_dir(), "{}", second.display());
+    let (a, b) = (procs(&documented), procs(&second));
+    assert!(!a.is_empty() && !b.is_empty() && a.iter().all(|p| !b.contains(p)), "each task in its own cgroup: {a:?} {b:?}");
+    one.driver.kill("same", &agent, Some(0.0)).await.unwrap();
+    one.wait_terminal("same").await;
+    assert!(!documented.exists() && second.is_dir(), "killing one framework's task leaves the other's alone");
+}
