@@ -37,6 +37,8 @@ fn spec(work: &Path, name: &str, command: &str, cgroup_procs: Vec<PathBuf>) -> a
 
 /// Runs the checks, printing one line per check; `Ok(false)` when one failed.
 pub async fn run(config: &IsolationConfig) -> anyhow::Result<bool> {
+    // The root is removed afterwards only if this check is what created it.
+    let root_existed = ["memory", ""].iter().any(|c| config.hierarchy.join(c).join(&config.root).exists());
     let isolator = isolation::build(config).context("cannot set up isolation")?;
     println!("isolation backend: {}", isolator.name());
     let work = std::env::temp_dir().join(format!("corral-check-{}", std::process::id()));
@@ -44,6 +46,9 @@ pub async fn run(config: &IsolationConfig) -> anyhow::Result<bool> {
     let launcher = Launcher::new(work.clone(), std::env::current_exe()?);
     let result = checks(isolator.as_ref(), &launcher, &work, &config.root).await;
     isolator.release("check");
+    if !root_existed {
+        isolator.remove_root();
+    }
     let _ = std::fs::remove_dir_all(&work);
     result
 }

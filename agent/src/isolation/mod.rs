@@ -100,9 +100,11 @@ pub trait Isolator: Send + Sync {
     fn usage(&self, task: &str) -> Option<Usage>;
     /// Kills everything still in the task's cgroup and removes it. Idempotent; touches nothing else.
     fn cleanup(&self, task: &str) -> Result<(), IsolationError>;
-    /// Removes the agent's own (empty) cgroup directory when the agent is decommissioned, and the shared root if
-    /// no other agent uses it.
+    /// Removes the agent's own (empty) cgroup directory when the agent is decommissioned. The shared root stays:
+    /// an operator or another agent may have made it.
     fn release(&self, _agent_id: &str) {}
+    /// Removes the (empty) root itself; only for a caller that created it (`check-isolation`).
+    fn remove_root(&self) {}
 }
 
 /// No isolation: tasks are ordinary processes in their own process group.

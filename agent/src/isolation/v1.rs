@@ -134,7 +134,11 @@ impl Isolator for CgroupV1 {
     fn release(&self, agent_id: &str) {
         for (_, base) in &self.roots {
             let _ = std::fs::remove_dir(base.join(check_rel(agent_id)));
-            // The shared root goes too once no agent uses it (rmdir refuses while it has children).
+        }
+    }
+
+    fn remove_root(&self) {
+        for (_, base) in &self.roots {
             let _ = std::fs::remove_dir(base);
         }
     }

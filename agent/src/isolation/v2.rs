@@ -143,6 +143,9 @@ impl Isolator for CgroupV2 {
 
     fn release(&self, agent_id: &str) {
         let _ = std::fs::remove_dir(self.dir(agent_id));
+    }
+
+    fn remove_root(&self) {
         let _ = std::fs::remove_dir(&self.base);
     }
 }

@@ -234,12 +234,25 @@ fn check_isolation_proves_this_node_isolates_tasks() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    let left: Vec<PathBuf> = corral_tests::cgroup_mounts().into_iter().map(|m| m.join(&root)).filter(|p| p.exists()).collect();
     corral_tests::remove_cgroups(&root);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), 4, "{text}");
-    for mount in corral_tests::cgroup_mounts() {
-        assert!(!mount.join(&root).exists(), "the check left {}", mount.join(&root).display());
-    }
+    assert!(left.is_empty(), "the check left {left:?}");
+
+    // A root the check did not create (an operator's, another agent's) is left in place.
+    let shared = format!("{root}-shared");
+    let memory_root = Path::new("/sys/fs/cgroup/memory").join(&shared);
+    std::fs::create_dir_all(&memory_root).unwrap();
+    let ok = std::process::Command::new(corral_tests::bin("corral-agent"))
+        .args(["check-isolation", &format!("--cgroup-root={shared}")])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let kept = memory_root.exists();
+    corral_tests::remove_cgroups(&shared);
+    assert!(ok && kept, "check passed: {ok}; existing root kept: {kept}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
