@@ -21,6 +21,9 @@ pub struct ExecuteArgs {
     /// Resources per instance.
     #[arg(long, default_value = "cpus:0.1;mem:32")]
     resources: String,
+    /// Ports per instance, taken from the offer and given to the task as PORT0, PORT1, … (and PORTS).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100))]
+    ports: u16,
     /// Number of instances.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
     instances: u32,
@@ -78,6 +81,7 @@ type States = Arc<Mutex<BTreeMap<String, (TaskState, String)>>>;
 struct Execute {
     pending: Vec<v1::TaskInfo>,
     need: Resources,
+    ports: usize,
     /// (container path, size) of each instance's persistent volume (its id is the task id).
     volume: Option<(String, f64)>,
     states: States,
@@ -154,20 +158,20 @@ impl Execute {
     fn place(&self, pool: &mut OfferPool, template: &v1::TaskInfo) -> Option<(v1::TaskInfo, Vec<v1::Operation>)> {
         let mut task = template.clone();
         let Some((path, size)) = &self.volume else {
-            task.resources = pool.take(&self.need, 0)?.to_proto();
+            task.resources = pool.take(&self.need, self.ports)?.to_proto();
             return Some((task, Vec::new()));
         };
         let role = pool.role().to_string();
         if let Some(volume) = pool.take_volume(&task.task_id) {
             // A later run: the volume (and the reservation around it) is offered back to this role.
-            let res = pool.take(&self.need, 0)?;
+            let res = pool.take(&self.need, self.ports)?;
             task.resources = res.plus(&volume).to_proto();
             return Some((task, Vec::new()));
         }
         // First run: reserve what the task needs plus the disk, then carve the volume out of the disk.
         let wanted = self.need.plus(&Resources::scalar("disk", *size));
         let mut trial = pool.clone();
-        let taken = trial.take(&wanted, 0)?;
+        let taken = trial.take(&wanted, self.ports)?;
         *pool = trial;
         let reserved = taken.with_role(Some(&role));
         let plain_disk = Resources::scalar("disk", *size).with_role(Some(&role));
@@ -272,6 +276,7 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
     let scheduler = Execute {
         pending,
         need,
+        ports: args.ports.into(),
         volume: args.volume.clone(),
         states: states.clone(),
         total: ids.len(),

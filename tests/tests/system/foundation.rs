@@ -731,3 +731,27 @@ async fn master_and_agent_read_a_config_file_that_flags_override() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("\"prot\"") && err.contains("unknown setting"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_execute_gives_each_instance_its_own_ports() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let (code, out, err) = cluster
+        .cli(&["execute", "--name", "srv", "--instances", "2", "--ports", "2", "--command", "echo \"$PORT0 $PORT1 $PORTS\""])
+        .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut seen = Vec::new();
+    for id in ["srv-0", "srv-1"] {
+        let (_, log, _) = cluster.cli(&["task", "log", id]).await;
+        let parts: Vec<&str> = log.split_whitespace().collect();
+        assert_eq!(parts.len(), 3, "{log:?}");
+        assert_eq!(parts[2], format!("{},{}", parts[0], parts[1]));
+        let agent_ports = 31000..=31999;
+        for p in &parts[..2] {
+            assert!(agent_ports.contains(&p.parse::<u32>().unwrap()), "{p} is from the agent's range");
+        }
+        seen.extend(parts[..2].iter().map(|s| s.to_string()));
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "no port handed out twice: {seen:?}");
+}
