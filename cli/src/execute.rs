@@ -170,9 +170,7 @@ impl Execute {
         }
         // First run: reserve what the task needs plus the disk, then carve the volume out of the disk.
         let wanted = self.need.plus(&Resources::scalar("disk", *size));
-        let mut trial = pool.clone();
-        let taken = trial.take(&wanted, self.ports)?;
-        *pool = trial;
+        let taken = pool.take(&wanted, self.ports)?;
         let reserved = taken.with_role(Some(&role));
         let plain_disk = Resources::scalar("disk", *size).with_role(Some(&role));
         let volume = Resources::volume(&role, &task.task_id, path, *size);
