@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use corral_proto::v1::{self, agent_message, master_message};
 use corral_proto::v1::{StatusReason, StatusSource, TaskState};
+use corral_discovery::{Finder, Masters};
 use corral_proto::{Resources, now_seconds};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -34,7 +35,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Master addresses (`host:port`), tried in turn.
-    pub masters: Vec<String>,
+    pub masters: Masters,
     pub hostname: String,
     /// The HTTP port this agent serves on (sent to the master).
     pub port: u16,
@@ -820,7 +821,7 @@ impl Agent {
             "hostname": self.config.hostname,
             "port": self.config.port,
             "version": corral_proto::VERSION,
-            "master": self.config.masters.join(","),
+            "master": self.config.masters.to_string(),
             "registered": self.registered,
             "work_dir": self.config.work_dir.display().to_string(),
             "isolation": self.isolator.name(),
@@ -833,24 +834,38 @@ impl Agent {
     }
 }
 
-/// Keeps a session with a master open for as long as the agent runs.
-pub async fn connect_loop(masters: Vec<String>, events: mpsc::UnboundedSender<Event>) {
+/// Keeps a session with the leading master open for as long as the agent runs: tries the masters in turn (or the
+/// leader etcd names), follows a follower's `corral-leader` hint at once, and backs off (to 1 s) only after a failure.
+pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>) {
     use corral_proto::v1::agent_service_client::AgentServiceClient;
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let mut finder = Finder::new(masters);
     let mut conn = 0u64;
-    let mut attempt = 0usize;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let addr = &masters[attempt % masters.len()];
-        attempt += 1;
-        match AgentServiceClient::connect(format!("http://{addr}")).await {
-            Ok(mut client) => {
+        let addr = match finder.next().await {
+            Ok(addr) => addr,
+            Err(e) => {
+                debug!("no master to try: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let connect = async {
+            let channel = corral_discovery::endpoint(&addr).map_err(|e| e.to_string())?.connect().await;
+            channel.map(AgentServiceClient::new).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(mut client)) => {
                 conn += 1;
                 let (tx, rx) = mpsc::unbounded_channel();
                 if events.send(Event::Connected { conn, tx }).is_err() {
                     return;
                 }
-                match client.session(UnboundedReceiverStream::new(rx)).await {
-                    Ok(response) => {
+                let session = client.session(UnboundedReceiverStream::new(rx));
+                match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, session).await {
+                    Ok(Ok(response)) => {
                         backoff = Duration::from_millis(100);
                         let mut inbound = response.into_inner();
                         loop {
@@ -871,14 +886,24 @@ pub async fn connect_loop(masters: Vec<String>, events: mpsc::UnboundedSender<Ev
                             }
                         }
                     }
-                    Err(status) => warn!(master = %addr, "session refused: {}", status.message()),
+                    Ok(Err(status)) => match corral_discovery::leader_hint(&status) {
+                        Some(leader) if finder.follow(&addr, &leader) => {
+                            debug!(master = %addr, %leader, "not the leader; following its hint");
+                        }
+                        _ => warn!(master = %addr, "session refused: {}", status.message()),
+                    },
+                    Err(_) => warn!(master = %addr, "master did not answer within {:?}", corral_discovery::CONNECT_TIMEOUT),
                 }
                 let _ = events.send(Event::Disconnected { conn });
             }
-            Err(e) => debug!(master = %addr, "cannot connect: {e}"),
+            Ok(Err(e)) => debug!(master = %addr, "cannot connect: {e}"),
+            Err(_) => debug!(master = %addr, "connecting timed out"),
+        }
+        if finder.has_hint() {
+            continue;
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 100);
         tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

@@ -33,7 +33,7 @@ struct Args {
     /// TOML file of settings, keyed by flag name (e.g. work-dir = "/var/lib/corral"); flags and CORRAL_* win.
     #[arg(long, env = "CORRAL_CONFIG")]
     config: Option<std::path::PathBuf>,
-    /// Master address(es): host:port[,host:port...].
+    /// Masters: host:port[,host:port…], or etcd://HOST:PORT[,HOST:PORT…][/prefix] to ask etcd who leads.
     #[arg(long, env = "CORRAL_MASTER")]
     master: String,
     /// Address to serve HTTP (state, sandbox files) on.
@@ -131,11 +131,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn agent_main(args: Args) -> anyhow::Result<()> {
     init_logging(&args.log_format);
-    let masters: Vec<String> = args.master.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
-    anyhow::ensure!(!masters.is_empty(), "--master must name at least one host:port");
-    for m in &masters {
-        anyhow::ensure!(m.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()), "--master: {m:?} is not host:port");
-    }
+    let masters = corral_discovery::Masters::parse(&args.master).map_err(|e| anyhow::anyhow!("--master: {e}"))?;
     std::fs::create_dir_all(&args.work_dir).with_context(|| format!("cannot create --work-dir {}", args.work_dir.display()))?;
     let work_dir = args.work_dir.canonicalize()?;
     std::fs::create_dir_all(work_dir.join("sandboxes")).context("cannot create the sandboxes directory")?;
@@ -184,7 +180,7 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
         max_pids: args.max_pids_per_task,
         usage_interval: args.usage_interval,
     };
-    tracing::info!(port, resources = %config.resources, masters = ?masters, isolation = isolator.name(),
+    tracing::info!(port, resources = %config.resources, masters = %masters, isolation = isolator.name(),
         "corral-agent {} starting", corral_proto::VERSION);
     let (events, rx) = mpsc::unbounded_channel();
     let mut agent = Agent::new(config, isolator, events.clone());

@@ -5,46 +5,53 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use serde_json::Value;
 
-/// The master addresses the user gave.
+/// Where the user said the masters are.
 #[derive(Debug, Clone)]
 pub struct Masters {
-    /// `host:port` for each master.
-    pub addrs: Vec<String>,
+    pub spec: corral_discovery::Masters,
 }
 
 impl Masters {
     pub fn parse(text: &str) -> Result<Masters, String> {
-        let mut addrs = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let addr = item.strip_prefix("http://").unwrap_or(item).trim_end_matches('/');
-            if addr.starts_with("https://") {
-                return Err(format!("{item:?}: https is not supported yet; use http://host:port"));
-            }
-            let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("{item:?} is not host:port"))?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("{item:?} is not host:port"));
-            }
-            addrs.push(addr.to_string());
-        }
-        if addrs.is_empty() {
-            return Err("no master address given".into());
-        }
-        Ok(Masters { addrs })
+        corral_discovery::Masters::parse(text).map(|spec| Masters { spec })
     }
 
-    /// GETs `path` from the first master that answers.
+    /// GETs `path` from the leading master: tries each master (or the leader etcd names), follows a follower's
+    /// answer naming the leader (HTTP redirects are followed by the client itself).
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let mut finder = corral_discovery::Finder::new(self.spec.clone());
+        let tries = match &self.spec {
+            corral_discovery::Masters::List(addrs) => addrs.len() * 2,
+            corral_discovery::Masters::Etcd(_) => 2,
+        };
         let mut errors = Vec::new();
-        for addr in &self.addrs {
+        for _ in 0..tries {
+            let addr = match finder.next().await {
+                Ok(addr) => addr,
+                Err(e) => {
+                    errors.push(e);
+                    break;
+                }
+            };
             match get_json(&format!("http://{addr}{path}")).await {
+                Ok(v) if v.get("is_leader") == Some(&Value::Bool(false)) => {
+                    match v.get("leader").and_then(Value::as_str) {
+                        Some(leader) if finder.follow(&addr, leader) => {}
+                        _ => errors.push(format!("{addr} is not the leader and knows of none")),
+                    }
+                }
                 Ok(v) => return Ok(v),
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
-        Err(anyhow!("no master answered ({}); is the cluster running? set --master or CORRAL_MASTER", errors.join("; ")))
+        errors.dedup();
+        Err(anyhow!(
+            "no leading master answered ({}); is the cluster running? set --master or CORRAL_MASTER",
+            errors.join("; ")
+        ))
     }
 
-    /// The master's `/state`.
+    /// The leading master's `/state`.
     pub async fn state(&self) -> anyhow::Result<Value> {
         self.get("/state").await
     }
@@ -75,10 +82,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn master_urls() {
-        assert_eq!(Masters::parse("http://127.0.0.1:5050/").unwrap().addrs, vec!["127.0.0.1:5050"]);
-        assert_eq!(Masters::parse("a:1,b:2").unwrap().addrs, vec!["a:1", "b:2"]);
-        for bad in ["", "nohost", "h:x", ":5050", "https://h:1"] {
+    fn master_specs_are_checked() {
+        assert!(Masters::parse("http://127.0.0.1:5050/").is_ok());
+        assert!(Masters::parse("etcd://127.0.0.1:2379").is_ok());
+        for bad in ["", "nohost", "h:x", "https://h:1", "etcd://"] {
             assert!(Masters::parse(bad).is_err(), "{bad}");
         }
     }

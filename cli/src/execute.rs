@@ -282,7 +282,7 @@ pub async fn run(masters: &Masters, args: ExecuteArgs, json: bool) -> anyhow::Re
         waiting_since: Instant::now(),
         warned: false,
     };
-    let driver = SchedulerDriver::new(masters.addrs.clone(), framework);
+    let driver = SchedulerDriver::new(masters.spec.clone(), framework);
     let timeout = args.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     tokio::select! {
         result = driver.run(scheduler) => result.map_err(|e| anyhow!("{e}"))?,

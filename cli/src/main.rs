@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "corral", version)]
 struct Cli {
-    /// Master URL(s): http://host:port or host:port, comma-separated for several masters.
+    /// Masters: host:port (or http://host:port), comma-separated for several, or etcd://HOST:PORT[,…][/prefix].
     #[arg(long, global = true, env = "CORRAL_MASTER", default_value = "http://127.0.0.1:5050")]
     master: String,
     /// Print JSON instead of tables.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use corral_sdk::{Driver, OfferPool, Resources, Scheduler, SchedulerDriver, TaskBuilder, TaskState, async_trait, v1};
+use corral_sdk::{Driver, Masters, OfferPool, Resources, Scheduler, SchedulerDriver, TaskBuilder, TaskState, async_trait, v1};
 
 struct Hello {
     /// How many tasks still need launching.
@@ -70,6 +70,6 @@ async fn main() -> anyhow::Result<()> {
     let count: usize = args.next().map(|c| c.parse()).transpose()?.unwrap_or(3);
     let framework = v1::FrameworkInfo { name: "hello".into(), failover_timeout_seconds: 60.0, ..Default::default() };
     let scheduler = Hello { to_launch: count, finished: HashMap::new(), total: count };
-    SchedulerDriver::new(vec![master], framework).run(scheduler).await?;
+    SchedulerDriver::new(Masters::parse(&master).map_err(anyhow::Error::msg)?, framework).run(scheduler).await?;
     Ok(())
 }

@@ -4,11 +4,13 @@
 //! * the framework id from the first SUBSCRIBED is reused on every re-subscription (failover keeps tasks);
 //! * a status update with a uuid is acknowledged only after `Scheduler::status_update` returned;
 //! * no event for 3 heartbeat intervals means the stream is dead: reconnect;
-//! * masters are tried in turn; a master that answers UNAVAILABLE with a `corral-leader` hint is followed.
+//! * masters are tried in turn (or the leader etcd names, for `etcd://`); a master that answers UNAVAILABLE with a
+//!   `corral-leader` hint is followed at once; only failures back off (100 ms doubling to 1 s, with jitter).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_discovery::{Finder, Masters};
 use corral_proto::v1::{self, event, scheduler_client::SchedulerClient};
 use tokio::sync::{Mutex, watch};
 use tokio_stream::StreamExt;
@@ -177,14 +179,15 @@ impl Driver {
 
 /// Runs a [`Scheduler`] against a cluster.
 pub struct SchedulerDriver {
-    masters: Vec<String>,
+    masters: Masters,
     framework: v1::FrameworkInfo,
     reconcile_on_subscribe: bool,
 }
 
 impl SchedulerDriver {
-    /// `masters` are `host:port` addresses; `framework.id` may be set to re-subscribe as an existing framework.
-    pub fn new(masters: Vec<String>, framework: v1::FrameworkInfo) -> Self {
+    /// `masters` is where to find the leader (see [`Masters::parse`]: `h1:5050,h2:5050` or `etcd://h:2379`);
+    /// `framework.id` may be set to re-subscribe as an existing framework.
+    pub fn new(masters: Masters, framework: v1::FrameworkInfo) -> Self {
         SchedulerDriver { masters, framework, reconcile_on_subscribe: true }
     }
 
@@ -196,40 +199,45 @@ impl SchedulerDriver {
 
     /// Runs until [`Driver::stop`] or [`Driver::teardown`], or until the master refuses or removes the framework.
     pub async fn run<S: Scheduler>(self, mut scheduler: S) -> Result<(), DriverError> {
-        if self.masters.is_empty() {
-            return Err(DriverError::Invalid("no master address given".into()));
-        }
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let driver = Driver {
             session: Arc::new(Mutex::new(None)),
             framework_id: Arc::new(Mutex::new((!self.framework.id.is_empty()).then(|| self.framework.id.clone()))),
             stop: Arc::new(stop_tx),
         };
-        let mut attempt = 0usize;
-        let mut next_master: Option<String> = None;
+        const MAX_BACKOFF: Duration = Duration::from_secs(1);
+        let mut finder = Finder::new(self.masters.clone());
         let mut backoff = Duration::from_millis(100);
         loop {
             if *stop_rx.borrow() {
                 return Ok(());
             }
-            let master = next_master.take().unwrap_or_else(|| self.masters[attempt % self.masters.len()].clone());
-            attempt += 1;
             let outcome = tokio::select! {
-                outcome = self.session(&master, &driver, &mut scheduler) => outcome,
+                outcome = async {
+                    match finder.next().await {
+                        Ok(master) => self.session(&master, &driver, &mut scheduler).await.map(|end| (master, end)),
+                        Err(e) => {
+                            debug!("no master to try: {e}");
+                            Ok((String::new(), SessionEnd::Lost { was_subscribed: false }))
+                        }
+                    }
+                } => outcome,
                 _ = stop_rx.wait_for(|stopped| *stopped) => return Ok(()),
             };
             *driver.session.lock().await = None;
             match outcome {
-                Ok(SessionEnd::Stopped) => return Ok(()),
-                Ok(SessionEnd::Lost { was_subscribed }) => {
+                Ok((_, SessionEnd::Stopped)) => return Ok(()),
+                Ok((_, SessionEnd::Lost { was_subscribed })) => {
                     if was_subscribed {
                         backoff = Duration::from_millis(100);
                         scheduler.disconnected(&driver).await;
                     }
                 }
-                Ok(SessionEnd::Redirect(leader)) => {
-                    next_master = Some(leader);
-                    continue;
+                Ok((master, SessionEnd::Redirect(leader))) => {
+                    if finder.follow(&master, &leader) {
+                        debug!(%master, %leader, "not the leader; following its hint");
+                        continue;
+                    }
                 }
                 Err(DriverError::Removed(_)) if *stop_rx.borrow() => return Ok(()),
                 Err(e) => return Err(e),
@@ -239,7 +247,7 @@ impl SchedulerDriver {
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 100);
             tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -251,10 +259,18 @@ impl SchedulerDriver {
         scheduler: &mut S,
     ) -> Result<SessionEnd, DriverError> {
         let lost = Ok(SessionEnd::Lost { was_subscribed: false });
-        let mut client = match SchedulerClient::connect(format!("http://{master}")).await {
-            Ok(c) => c,
-            Err(e) => {
+        let connect = async {
+            let channel = corral_discovery::endpoint(master).map_err(|e| e.to_string())?.connect().await;
+            channel.map(SchedulerClient::new).map_err(|e| e.to_string())
+        };
+        let mut client = match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 debug!(master, "cannot connect: {e}");
+                return lost;
+            }
+            Err(_) => {
+                debug!(master, "connecting timed out");
                 return lost;
             }
         };
@@ -262,11 +278,19 @@ impl SchedulerDriver {
         if let Some(id) = driver.framework_id.lock().await.clone() {
             info.id = id;
         }
-        let mut stream = match client.subscribe(v1::SubscribeRequest { framework_info: Some(info) }).await {
+        let subscribe = client.subscribe(v1::SubscribeRequest { framework_info: Some(info) });
+        let subscribed = match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, subscribe).await {
+            Ok(subscribed) => subscribed,
+            Err(_) => {
+                debug!(master, "subscribe was not answered within {:?}", corral_discovery::CONNECT_TIMEOUT);
+                return lost;
+            }
+        };
+        let mut stream = match subscribed {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                if let Some(leader) = status.metadata().get("corral-leader").and_then(|v| v.to_str().ok()) {
-                    return Ok(SessionEnd::Redirect(leader.to_string()));
+                if let Some(leader) = corral_discovery::leader_hint(&status) {
+                    return Ok(SessionEnd::Redirect(leader));
                 }
                 return match status.code() {
                     tonic::Code::InvalidArgument

@@ -6,7 +6,7 @@
 //! update is only acknowledged once you have seen it.
 //!
 //! ```no_run
-//! use corral_sdk::{Driver, Scheduler, SchedulerDriver, TaskBuilder, OfferPool, v1};
+//! use corral_sdk::{Driver, Masters, Scheduler, SchedulerDriver, TaskBuilder, OfferPool, v1};
 //! use corral_sdk::Resources;
 //!
 //! struct Hello { launched: bool }
@@ -34,7 +34,9 @@
 //!
 //! # async fn run() -> Result<(), corral_sdk::DriverError> {
 //! let framework = v1::FrameworkInfo { name: "hello".into(), ..Default::default() };
-//! SchedulerDriver::new(vec!["127.0.0.1:5050".into()], framework).run(Hello { launched: false }).await
+//! // Any of "m1:5050,m2:5050,m3:5050" or "etcd://e1:2379,e2:2379" finds the leading master.
+//! let masters = Masters::parse("127.0.0.1:5050").expect("a valid master list");
+//! SchedulerDriver::new(masters, framework).run(Hello { launched: false }).await
 //! # }
 //! ```
 
@@ -42,6 +44,7 @@ mod driver;
 mod offers;
 
 pub use async_trait::async_trait;
+pub use corral_discovery::Masters;
 pub use corral_proto::v1;
 pub use corral_proto::{Resources, v1::TaskState};
 pub use driver::{Driver, DriverError, SchedulerDriver};

@@ -1,40 +1,46 @@
 //! The network edges: the `corral.v1.Scheduler` and `corral.v1.AgentService` gRPC services and the operator HTTP
 //! endpoints, all on one port. Handlers only translate requests into [`Command`]s for the master actor; they hold
 //! no state of their own.
+//!
+//! Whether this master leads is the [`Role`] the election publishes. A follower serves `/health` and its own
+//! `/state`, refuses every gRPC call with UNAVAILABLE and the leader's address in the `corral-leader` metadata, and
+//! redirects every other HTTP request to the leader (307, so writes keep their method and body).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use corral_discovery::LEADER_METADATA;
 use corral_proto::v1::{self, agent_service_server, scheduler_server};
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::master::{Call, Command};
 
-/// A cloneable handle to the master actor.
+/// A cloneable handle to the master actor of the current leadership term.
 #[derive(Clone)]
 pub struct MasterHandle {
     tx: mpsc::UnboundedSender<Command>,
-    next_conn: Arc<AtomicU64>,
 }
 
 impl MasterHandle {
     pub fn new(tx: mpsc::UnboundedSender<Command>) -> Self {
-        MasterHandle { tx, next_conn: Arc::new(AtomicU64::new(1)) }
+        MasterHandle { tx }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let stopped = || Status::unavailable("this master stopped leading; retry to find the leader");
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| Status::unavailable("master is shutting down"))?;
-        rx.await.map_err(|_| Status::unavailable("master is shutting down"))
+        self.tx.send(make(reply)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
     }
 
     async fn call(&self, header: Option<v1::CallHeader>, call: Call) -> Result<Response<v1::Empty>, Status> {
@@ -48,11 +54,65 @@ impl MasterHandle {
     }
 }
 
+/// Whether this master leads, as the election last published it.
+#[derive(Clone)]
+pub enum Role {
+    Leading(MasterHandle),
+    /// Following the leader at this address (None: none known yet).
+    Following { leader: Option<String> },
+}
+
+/// What the network edges share: the current role and this master's own facts.
+#[derive(Clone)]
+pub struct Frontend {
+    role: watch::Receiver<Role>,
+    advertise: String,
+    start_time: f64,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl Frontend {
+    pub fn new(role: watch::Receiver<Role>, advertise: String) -> Self {
+        Frontend { role, advertise, start_time: corral_proto::now_seconds(), next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+
+    /// The leading actor, or UNAVAILABLE naming the leader.
+    fn leader(&self) -> Result<MasterHandle, Status> {
+        match &*self.role.borrow() {
+            Role::Leading(handle) => Ok(handle.clone()),
+            Role::Following { leader } => Err(not_leader(leader.as_deref())),
+        }
+    }
+
+    fn leader_address(&self) -> Option<String> {
+        match &*self.role.borrow() {
+            Role::Leading(_) => Some(self.advertise.clone()),
+            Role::Following { leader } => leader.clone(),
+        }
+    }
+
+    async fn call(&self, header: Option<v1::CallHeader>, call: Call) -> Result<Response<v1::Empty>, Status> {
+        self.leader()?.call(header, call).await
+    }
+}
+
+/// A follower's refusal: UNAVAILABLE, with the leader's address in the message and in `corral-leader` metadata.
+pub fn not_leader(leader: Option<&str>) -> Status {
+    let Some(leader) = leader else {
+        return Status::unavailable("this master is not the leader, and no leader is elected right now");
+    };
+    let mut status = Status::unavailable(format!("this master is not the leader; the leader is {leader}"));
+    if let Ok(value) = leader.parse() {
+        status.metadata_mut().insert(LEADER_METADATA, value);
+    }
+    status
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::Event, Status>> + Send>>;
 type MasterMessageStream = Pin<Box<dyn Stream<Item = Result<v1::MasterMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl scheduler_server::Scheduler for MasterHandle {
+impl scheduler_server::Scheduler for Frontend {
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<v1::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
@@ -61,7 +121,7 @@ impl scheduler_server::Scheduler for MasterHandle {
             .framework_info
             .ok_or_else(|| Status::invalid_argument("SUBSCRIBE: framework_info is required"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.ask(|reply| Command::Subscribe { info, tx, reply }).await??;
+        self.leader()?.ask(|reply| Command::Subscribe { info, tx, reply }).await??;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
@@ -107,17 +167,17 @@ impl scheduler_server::Scheduler for MasterHandle {
 }
 
 #[tonic::async_trait]
-impl agent_service_server::AgentService for MasterHandle {
+impl agent_service_server::AgentService for Frontend {
     type SessionStream = MasterMessageStream;
 
     async fn session(
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<MasterMessageStream>, Status> {
+        let master = self.leader()?.tx;
         let mut inbound = request.into_inner();
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        let master = self.tx.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
@@ -139,29 +199,72 @@ impl agent_service_server::AgentService for MasterHandle {
 }
 
 /// The operator HTTP routes.
-pub fn http_router(handle: MasterHandle) -> axum::Router {
+pub fn http_router(frontend: Frontend) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/state", axum::routing::get(state))
-        .with_state(handle)
+        .layer(axum::middleware::from_fn_with_state(frontend.clone(), redirect_to_leader))
+        .with_state(frontend)
 }
 
-async fn health() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok", "version": corral_proto::VERSION}))
-}
+/// Paths a follower answers itself; everything else is the leader's.
+const FOLLOWER_PATHS: &[&str] = &["/health", "/state"];
 
-async fn state(State(handle): State<MasterHandle>) -> impl IntoResponse {
-    match handle.state().await {
-        Ok(state) => (StatusCode::OK, Json(state)),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": e.message()}))),
+/// On a follower, sends every request but [`FOLLOWER_PATHS`] to the leader: 307 keeps the method and body.
+async fn redirect_to_leader(State(frontend): State<Frontend>, request: HttpRequest, next: Next) -> HttpResponse {
+    if matches!(&*frontend.role.borrow(), Role::Leading(_)) || FOLLOWER_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    match frontend.leader_address() {
+        Some(leader) => {
+            let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let location = format!("http://{leader}{path}");
+            (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response()
+        }
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "this master is not the leader, and no leader is elected right now"),
     }
 }
 
+fn error(code: StatusCode, message: &str) -> HttpResponse {
+    (code, Json(serde_json::json!({"error": message}))).into_response()
+}
+
+async fn health(State(frontend): State<Frontend>) -> impl IntoResponse {
+    let is_leader = matches!(&*frontend.role.borrow(), Role::Leading(_));
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": corral_proto::VERSION,
+        "is_leader": is_leader,
+        "leader": frontend.leader_address(),
+    }))
+}
+
+async fn state(State(frontend): State<Frontend>) -> HttpResponse {
+    let handle = match &*frontend.role.borrow() {
+        Role::Leading(handle) => Some(handle.clone()),
+        Role::Following { .. } => None,
+    };
+    // (If the term ends while we ask, answer as the follower this master now is.)
+    if let Some(handle) = handle
+        && let Ok(state) = handle.state().await
+    {
+        return Json(state).into_response();
+    }
+    Json(serde_json::json!({
+        "version": corral_proto::VERSION,
+        "address": frontend.advertise,
+        "leader": frontend.leader_address(),
+        "is_leader": false,
+        "start_time": frontend.start_time,
+    }))
+    .into_response()
+}
+
 /// gRPC services and HTTP routes on one router (HTTP/2 for gRPC, HTTP/1.1 or 2 for the rest).
-pub fn router(handle: MasterHandle) -> axum::Router {
-    let grpc = tonic::service::Routes::new(scheduler_server::SchedulerServer::new(handle.clone()))
-        .add_service(agent_service_server::AgentServiceServer::new(handle.clone()))
+pub fn router(frontend: Frontend) -> axum::Router {
+    let grpc = tonic::service::Routes::new(scheduler_server::SchedulerServer::new(frontend.clone()))
+        .add_service(agent_service_server::AgentServiceServer::new(frontend.clone()))
         .prepare()
         .into_axum_router();
-    grpc.merge(http_router(handle))
+    grpc.merge(http_router(frontend))
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use corral_master::{MasterConfig, registry};
+use corral_master::ha::HaConfig;
+use corral_master::{Backend, MasterConfig, registry};
 
 /// corral master: admits agents, allocates their resources to frameworks (DRF) and tracks tasks.
 #[derive(Debug, Parser)]
@@ -25,9 +26,16 @@ struct Args {
     /// Directory for the master's own files (the default file registry lives here).
     #[arg(long, env = "CORRAL_WORK_DIR")]
     work_dir: std::path::PathBuf,
-    /// Registry backend: file:DIR (default: file:<work-dir>/registry).
+    /// Registry backend: file:DIR (one master; default file:<work-dir>/registry) or etcd://HOST:PORT[,HOST:PORT…]
+    /// (replicated masters electing a leader in etcd).
     #[arg(long, env = "CORRAL_REGISTRY")]
     registry: Option<String>,
+    /// Key prefix in etcd for the election and the registry (default /corral, or the path of an etcd:// URL).
+    #[arg(long, env = "CORRAL_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// TTL of the leader's etcd lease: a dead leader is replaced within about this long (whole seconds, ≥ 1s).
+    #[arg(long, env = "CORRAL_LEADER_LEASE_TTL", default_value = "5s", value_parser = parse_lease_ttl)]
+    leader_lease_ttl: Duration,
     /// An agent silent this long is marked UNREACHABLE (e.g. 15s, 500ms).
     #[arg(long, env = "CORRAL_AGENT_PING_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     agent_ping_timeout: Duration,
@@ -65,6 +73,14 @@ fn parse_weights(text: &str) -> Result<Weights, String> {
     Ok(Weights(out))
 }
 
+fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
+        return Err(format!("{text:?}: etcd leases are whole seconds, at least 1s"));
+    }
+    Ok(ttl)
+}
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -85,7 +101,16 @@ async fn main() -> anyhow::Result<()> {
         .registry
         .clone()
         .unwrap_or_else(|| format!("file:{}", args.work_dir.join("registry").display()));
-    let registry = registry::open(&spec).context("--registry")?;
+    let backend = if spec.starts_with("etcd://") {
+        let etcd = corral_discovery::EtcdSpec::parse(&spec).map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
+        let etcd = match &args.etcd_prefix {
+            Some(prefix) => etcd.with_prefix(prefix).map_err(|e| anyhow::anyhow!("--etcd-prefix: {e}"))?,
+            None => etcd,
+        };
+        Backend::Etcd(HaConfig { etcd, lease_ttl: args.leader_lease_ttl })
+    } else {
+        Backend::Alone(registry::open(&spec).context("--registry")?)
+    };
     let advertise_host = args.advertise_ip.clone().unwrap_or_else(|| {
         if args.ip.is_unspecified() { "127.0.0.1".to_string() } else { args.ip.to_string() }
     });
@@ -104,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}:{}", args.ip, args.port))?;
     tracing::info!(address = %config.advertise, registry = %spec, "corral-master {} listening", corral_proto::VERSION);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    corral_master::serve(config, registry, listener, shutdown_signal()).await
+    corral_master::serve(config, backend, listener, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
@@ -129,6 +154,14 @@ mod tests {
         assert!(parse_weights("a=x").unwrap_err().contains("\"a\""));
         assert!(parse_weights("a=0").unwrap_err().contains("positive"));
         assert!(parse_weights("a/b=1").is_err());
+    }
+
+    #[test]
+    fn lease_ttls_are_whole_seconds() {
+        assert_eq!(parse_lease_ttl("2s").unwrap(), Duration::from_secs(2));
+        for bad in ["500ms", "1.5s", "0s", "x"] {
+            assert!(parse_lease_ttl(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

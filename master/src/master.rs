@@ -23,7 +23,8 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::allocator::{Allocation, Allocator, AllocatorConfig};
-use crate::registry::{AgentRecord, Change, FrameworkRecord, Registry};
+use crate::election::Leadership;
+use crate::registry::{AgentRecord, Change, FrameworkRecord, Registry, RegistryError};
 
 /// Where a framework's events go (the server side of its Subscribe stream).
 pub type EventSender = mpsc::UnboundedSender<Result<v1::Event, Status>>;
@@ -83,6 +84,8 @@ pub enum Command {
     AgentMessage { conn: u64, message: v1::AgentMessage, tx: AgentSender },
     AgentClosed { conn: u64 },
     State { reply: oneshot::Sender<serde_json::Value> },
+    /// End the term: drop every stream and stop.
+    Stop,
 }
 
 /// A unary scheduler call.
@@ -149,6 +152,8 @@ pub(crate) struct Task {
     seen_uuids: HashSet<Vec<u8>>,
     /// A kill that could not be delivered yet (agent disconnected), with its grace override.
     kill_pending: Option<Option<f64>>,
+    /// Whether the framework acknowledged `status` (true when it needs none).
+    acked: bool,
 }
 
 pub(crate) struct Framework {
@@ -186,6 +191,19 @@ pub struct Master {
     started: Instant,
     last_heartbeat: Instant,
     self_tx: mpsc::UnboundedSender<Command>,
+    /// This term's right to lead; checked before every step.
+    leadership: Leadership,
+    /// Set when a registry write was fenced off: another master leads.
+    deposed: bool,
+}
+
+/// Why the actor stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every command sender is gone (the server is shutting down).
+    Shutdown,
+    /// Leadership lapsed or a fenced write failed: another master may lead now.
+    Deposed,
 }
 
 fn fail(msg: impl Into<String>) -> Status {
@@ -264,6 +282,7 @@ impl Master {
         config: MasterConfig,
         mut registry: Box<dyn Registry>,
         self_tx: mpsc::UnboundedSender<Command>,
+        leadership: Leadership,
     ) -> anyhow::Result<Master> {
         let stored = registry.load().await?;
         let mut allocator = Allocator::new(AllocatorConfig::default());
@@ -287,6 +306,8 @@ impl Master {
             started: now,
             last_heartbeat: now,
             self_tx,
+            leadership,
+            deposed: false,
         };
         for record in stored.frameworks.into_values() {
             let Ok(id) = FrameworkId::new(record.id.clone()) else {
@@ -356,23 +377,79 @@ impl Master {
         );
     }
 
-    /// Runs the actor until every command sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+    /// Runs the actor until every command sender is gone, or until this master may no longer lead. Leadership is
+    /// checked before each command, so a master frozen past its lease (SIGSTOP, a long GC-like stall) acts on
+    /// nothing after it wakes; it drops every stream instead.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) -> Stopped {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { break };
+                    let Some(cmd) = cmd else { return Stopped::Shutdown };
+                    if !self.may_lead() {
+                        break;
+                    }
+                    if matches!(cmd, Command::Stop) {
+                        self.step_down();
+                        return Stopped::Shutdown;
+                    }
                     self.handle(cmd).await;
                     // Drain what queued up meanwhile, then allocate once for the whole batch.
                     while let Ok(cmd) = rx.try_recv() {
+                        if !self.may_lead() {
+                            break;
+                        }
                         self.handle(cmd).await;
                     }
                 }
-                _ = tick.tick() => self.housekeeping(Instant::now()).await,
+                _ = tick.tick() => {
+                    if !self.may_lead() {
+                        break;
+                    }
+                    self.housekeeping(Instant::now()).await
+                }
+            }
+            if !self.may_lead() {
+                break;
             }
             self.allocate(Instant::now());
+        }
+        self.step_down();
+        Stopped::Deposed
+    }
+
+    fn may_lead(&self) -> bool {
+        !self.deposed && self.leadership.holds(Instant::now())
+    }
+
+    /// Ends every framework and agent stream with UNAVAILABLE, so clients look for the new leader.
+    fn step_down(&mut self) {
+        warn!("this master is no longer the leader; dropping every framework and agent connection");
+        fn gone<T>() -> Result<T, Status> {
+            Err(Status::unavailable("this master is no longer the leader"))
+        }
+        for f in self.frameworks.values_mut() {
+            if let Some((_, tx)) = f.conn.take() {
+                let _ = tx.send(gone());
+            }
+        }
+        for a in self.agents.values_mut() {
+            if let Some((_, tx)) = a.conn.take() {
+                let _ = tx.send(gone());
+            }
+        }
+    }
+
+    /// Writes to the registry; a fenced write deposes this master.
+    async fn write(&mut self, changes: Vec<Change>) -> Result<(), Status> {
+        match self.registry.apply(changes).await {
+            Ok(()) => Ok(()),
+            Err(RegistryError::Fenced) => {
+                self.deposed = true;
+                Err(Status::unavailable("this master is no longer the leader"))
+            }
+            Err(e) => Err(Status::unavailable(format!("registry write failed: {e}"))),
         }
     }
 
@@ -394,6 +471,7 @@ impl Master {
             Command::State { reply } => {
                 let _ = reply.send(self.state_json());
             }
+            Command::Stop => self.deposed = true,
         }
     }
 
@@ -421,10 +499,7 @@ impl Master {
             id
         };
         let registered_time = self.frameworks.get(&id).map(|f| f.registered_time).unwrap_or_else(now_seconds);
-        self.registry
-            .apply(vec![Change::PutFramework(framework_record(&info, registered_time))])
-            .await
-            .map_err(|e| Status::unavailable(format!("registry write failed: {e}")))?;
+        self.write(vec![Change::PutFramework(framework_record(&info, registered_time))]).await?;
 
         let stream_id = uuid::Uuid::new_v4().to_string();
         match self.frameworks.get_mut(&id) {
@@ -474,6 +549,12 @@ impl Master {
             let _ = self_tx.send(Command::FrameworkClosed { framework_id: fid, stream_id: sid });
         });
         if let Some(f) = self.frameworks.get_mut(&id) {
+            // Updates forwarded while the framework was away (e.g. during a master failover) would otherwise wait
+            // for the agent's next retry, which backs off to a minute: send each task's unacknowledged latest now.
+            for task in f.tasks.values().filter(|t| !t.acked) {
+                let update = event::Event::Update(event::Update { status: task.status.clone() });
+                let _ = tx.send(Ok(v1::Event { event: Some(update) }));
+            }
             f.conn = Some((stream_id, tx));
         }
         Ok(())
@@ -522,8 +603,8 @@ impl Master {
             push_bounded(&mut f.completed_tasks, task, MAX_COMPLETED_TASKS);
         }
         self.allocator.remove_framework(id);
-        if let Err(e) = self.registry.apply(vec![Change::RemoveFramework(id.to_string())]).await {
-            warn!(framework = %id, "could not remove framework from the registry: {e}");
+        if let Err(e) = self.write(vec![Change::RemoveFramework(id.to_string())]).await {
+            warn!(framework = %id, "could not remove framework from the registry: {}", e.message());
         }
         self.completed_framework_ids.insert(id.clone());
         let summary = self.framework_json(id, &f, false);
@@ -598,10 +679,7 @@ impl Master {
             return Err(fail(format!("UPDATE_FRAMEWORK: framework_info.id {:?} does not match {id}", info.id)));
         }
         let registered = self.frameworks.get(id).map(|f| f.registered_time).unwrap_or_default();
-        self.registry
-            .apply(vec![Change::PutFramework(framework_record(&info, registered))])
-            .await
-            .map_err(|e| Status::unavailable(format!("registry write failed: {e}")))?;
+        self.write(vec![Change::PutFramework(framework_record(&info, registered))]).await?;
         self.allocator.update_framework_roles(id, &info.roles);
         if let Some(f) = self.frameworks.get_mut(id) {
             f.info = info;
@@ -613,6 +691,9 @@ impl Master {
     // Offers
 
     fn allocate(&mut self, now: Instant) {
+        if !self.may_lead() {
+            return;
+        }
         let allocations = self.allocator.allocate(now);
         if allocations.is_empty() {
             return;
@@ -638,6 +719,11 @@ impl Master {
             batches.entry(framework_id.clone()).or_default().push(offer);
             let expires = self.config.offer_timeout.map(|t| now + t);
             self.offers.insert(offer_id, OfferEntry { framework_id, agent_id, role, resources, expires });
+        }
+        if !self.may_lead() {
+            // Leadership lapsed while allocating: these offers must not go out (another master may offer the
+            // same resources now). The actor stops at its next step.
+            return;
         }
         for (framework_id, offers) in batches {
             debug!(framework = %framework_id, count = offers.len(), "sending offers");
@@ -910,8 +996,11 @@ impl Master {
             registered_time: a.registered_time,
         };
         let total = a.total.to_proto();
-        if let Err(e) = self.registry.apply(vec![Change::PutAgent(record)]).await {
-            warn!(agent = %agent_id, "could not record the agent's new reservations: {e}");
+        if let Err(e) = self.write(vec![Change::PutAgent(record)]).await {
+            warn!(agent = %agent_id, "could not record the agent's new reservations: {}", e.message());
+            if self.deposed {
+                return;
+            }
         }
         self.send_to_agent(
             agent_id,
@@ -985,6 +1074,7 @@ impl Master {
                 statuses: vec![(TaskState::TaskStaging, now_seconds())],
                 seen_uuids: HashSet::new(),
                 kill_pending: None,
+                acked: true,
             },
         );
         if let Some(agent) = self.agents.get_mut(agent_id) {
@@ -1052,11 +1142,12 @@ impl Master {
             return Err(fail("ACKNOWLEDGE: uuid is empty; updates without a uuid need no acknowledgement"));
         }
         let Some(f) = self.frameworks.get_mut(id) else { return Ok(()) };
-        if let Some(task) = f.tasks.get(&task_id) {
+        if let Some(task) = f.tasks.get_mut(&task_id) {
             if task.agent_id != agent_id {
                 return Err(fail(format!("ACKNOWLEDGE: task {task_id} runs on {}, not {agent_id}", task.agent_id)));
             }
             let is_latest = task.status.as_ref().is_some_and(|s| s.uuid == req.uuid);
+            task.acked |= is_latest;
             if is_latest && task.state.is_terminal() {
                 let task = f.tasks.remove(&task_id).expect("present");
                 push_bounded(&mut f.completed_tasks, task, MAX_COMPLETED_TASKS);
@@ -1096,17 +1187,21 @@ impl Master {
                     .tasks
                     .get(&task_id)
                     .or_else(|| f.completed_tasks.iter().rev().find(|c| c.info.task_id == task_id.as_str()));
-                out.push(match known {
-                    Some(task) => latest(task, &task_id),
-                    None => status(
-                        id,
-                        task_id.as_str(),
-                        &t.agent_id,
-                        TaskState::TaskLost,
-                        StatusReason::ReasonReconciliation,
-                        "task is unknown to the master",
-                    ),
-                });
+                if let Some(task) = known {
+                    out.push(latest(task, &task_id));
+                    continue;
+                }
+                // An unknown task may still be reported by an agent that has not re-registered since a failover:
+                // say nothing until it has (the framework asks again), as Mesos does for transitioning agents.
+                let agent_state = self.agents.get(t.agent_id.as_str()).map(|a| a.state);
+                let recovering = |a: &Agent| a.state == AgentState::Recovering;
+                let (state, message) = match agent_state {
+                    Some(AgentState::Recovering) => continue,
+                    None if t.agent_id.is_empty() && self.agents.values().any(recovering) => continue,
+                    Some(AgentState::Unreachable) => (TaskState::TaskUnreachable, "the task's agent is unreachable"),
+                    _ => (TaskState::TaskLost, "task is unknown to the master"),
+                };
+                out.push(status(id, task_id.as_str(), &t.agent_id, state, StatusReason::ReasonReconciliation, message));
             }
         }
         for s in out {
@@ -1203,16 +1298,14 @@ impl Master {
         }
         let changed = self.agents.get(&agent_id).is_none_or(|a| a.total != total || a.info.hostname != info.hostname);
         if changed {
-            self.registry
-                .apply(vec![Change::PutAgent(AgentRecord {
-                    id: agent_id.to_string(),
-                    hostname: info.hostname.clone(),
-                    port: info.port,
-                    resources: total.to_string(),
-                    registered_time,
-                })])
-                .await
-                .map_err(|e| Status::unavailable(format!("registry write failed: {e}")))?;
+            self.write(vec![Change::PutAgent(AgentRecord {
+                id: agent_id.to_string(),
+                hostname: info.hostname.clone(),
+                port: info.port,
+                resources: total.to_string(),
+                registered_time,
+            })])
+            .await?;
         }
         // Replace any previous connection and offers of this agent.
         self.rescind_agent_offers(&agent_id);
@@ -1276,6 +1369,7 @@ impl Master {
                         statuses: vec![(state, st.timestamp)],
                         seen_uuids: HashSet::new(),
                         kill_pending: None,
+                        acked: true,
                     };
                     f.tasks.insert(tid, t);
                 }
@@ -1395,6 +1489,7 @@ impl Master {
             }
             task.state = state;
             task.status = Some(s.clone());
+            task.acked = s.uuid.is_empty();
             if state.is_terminal() {
                 recover = Some((task.role.clone(), task.resources.clone()));
             }

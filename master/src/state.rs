@@ -101,9 +101,11 @@ impl Master {
             .collect();
         json!({
             "version": corral_proto::VERSION,
+            "address": self.config.advertise,
             "leader": self.config.advertise,
             "is_leader": true,
             "start_time": self.start_time,
+            "elected_time": self.start_time,
             "agents": agents_json,
             "frameworks": frameworks_json,
             "completed_frameworks": self.completed_frameworks,

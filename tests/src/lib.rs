@@ -474,7 +474,7 @@ impl TestFramework {
     /// Subscribes and waits for SUBSCRIBED.
     pub async fn start(master: &str, info: v1::FrameworkInfo) -> TestFramework {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(SchedulerDriver::new(vec![master.to_string()], info).run(Forwarder { tx }));
+        let task = tokio::spawn(SchedulerDriver::new(corral_sdk::Masters::parse(master).expect("master address"), info).run(Forwarder { tx }));
         let (framework_id, driver) = loop {
             match tokio::time::timeout(WAIT, rx.recv()).await {
                 Ok(Some((FrameworkEvent::Registered { framework_id }, driver))) => break (framework_id, driver),

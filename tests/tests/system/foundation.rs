@@ -213,9 +213,20 @@ async fn framework_resubscribes_with_its_id_and_keeps_its_tasks() {
     info.id = id.clone();
     let mut again = TestFramework::start(&cluster.master_addr(), info).await;
     assert_eq!(again.framework_id, id);
-    // The SDK reconciles on subscription: the task is reported RUNNING, with reason RECONCILIATION.
-    let s = again.wait_update("long", TaskState::TaskRunning).await;
-    assert_eq!(s.reason, StatusReason::ReasonReconciliation as i32);
+    // The SDK reconciles on subscription: the task is reported RUNNING, with reason RECONCILIATION. (If the crashed
+    // subscription had not acknowledged RUNNING yet, the master first re-sends that update itself.)
+    again
+        .wait_for("RUNNING by reconciliation", |e| match e {
+            FrameworkEvent::Update(s)
+                if s.task_id == "long"
+                    && s.state == TaskState::TaskRunning as i32
+                    && s.reason == StatusReason::ReasonReconciliation as i32 =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
     let state = cluster.state().await;
     let t = Cluster::find_task(&state, "long").unwrap();
     assert_eq!(t["state"], "TASK_RUNNING");
@@ -254,7 +265,7 @@ async fn framework_gone_past_its_failover_timeout_has_its_tasks_killed() {
     // A torn-down framework cannot come back under its old id.
     let mut info = TestFramework::info("brief", "*", 1.0);
     info.id = id;
-    let err = corral_sdk::SchedulerDriver::new(vec![cluster.master_addr()], info)
+    let err = corral_sdk::SchedulerDriver::new(corral_sdk::Masters::parse(&cluster.master_addr()).unwrap(), info)
         .run(NoOp)
         .await
         .unwrap_err();
@@ -462,7 +473,7 @@ async fn bad_subscriptions_and_flags_are_refused_with_the_field_named() {
         (v1::FrameworkInfo { name: "x".into(), id: "no-such-framework".into(), ..Default::default() }, "unknown"),
     ];
     for (info, field) in cases {
-        let err = corral_sdk::SchedulerDriver::new(vec![cluster.master_addr()], info).run(NoOp).await.unwrap_err();
+        let err = corral_sdk::SchedulerDriver::new(corral_sdk::Masters::parse(&cluster.master_addr()).unwrap(), info).run(NoOp).await.unwrap_err();
         assert!(err.to_string().contains(field), "{field}: {err}");
     }
     // Bad flags stop the binaries at once with a message naming the flag and value.

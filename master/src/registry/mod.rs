@@ -2,7 +2,11 @@
 //! role weights. Tasks are deliberately absent: agents are their source of truth and report them on
 //! re-registration, which keeps registry writes off the launch path.
 //!
-//! Backends sit behind [`Registry`]; `file:DIR` is the embedded default (one JSON document replaced atomically).
+//! Backends sit behind [`Registry`]: `file:DIR`, the embedded default for a single master (one JSON document replaced
+//! atomically), and [`etcd::EtcdRegistry`] for replicated masters (one key per record, every write fenced on the
+//! writer still leading).
+
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -49,7 +53,7 @@ pub struct RegistryState {
 }
 
 /// A single change to the registry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     PutFramework(FrameworkRecord),
     RemoveFramework(String),
@@ -82,8 +86,20 @@ impl RegistryState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("registry spec {0:?} is not understood; use file:DIR (etcd:// comes with the HA backend)")]
+    #[error("registry spec {0:?} is not understood; use file:DIR or etcd://host:port[,host:port…]")]
     BadSpec(String),
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("registry key {key} is corrupt: {source}")]
+    CorruptKey {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("registry write refused: this master no longer holds the leader key (deposed)")]
+    Fenced,
+    #[error("registry write too large: {0} keys in one change (etcd allows {1})")]
+    TooLarge(usize, usize),
     #[error("registry i/o on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -107,7 +123,8 @@ pub trait Registry: Send {
     async fn apply(&mut self, changes: Vec<Change>) -> Result<(), RegistryError>;
 }
 
-/// Opens a registry from its spec (`file:DIR`).
+/// Opens the single-master registry from its spec (`file:DIR`); `etcd://` registries are opened per leadership term
+/// by `crate::ha`, since their writes are fenced on the term's leader key.
 pub fn open(spec: &str) -> Result<Box<dyn Registry>, RegistryError> {
     match spec.strip_prefix("file:") {
         Some(dir) if !dir.is_empty() => Ok(Box::new(FileRegistry::new(dir))),

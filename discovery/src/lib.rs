@@ -1,0 +1,300 @@
+//! Finding the leading master.
+//!
+//! Agents, frameworks (through the SDK) and the CLI are given `--master` either as a list of `host:port` addresses
+//! or as `etcd://host:port[,host:port…][/prefix]`. A [`Finder`] turns that into the next address to try: the leader
+//! named by the last master that refused us first, then the listed masters in turn, or — with etcd — the address
+//! the elected master published under `<prefix>/leader`.
+//!
+//! Masters that do not lead answer gRPC calls with `UNAVAILABLE` and the leader's address in the
+//! [`LEADER_METADATA`] header, and REST calls with a 307 redirect.
+
+use std::time::Duration;
+
+/// gRPC metadata key carrying the leader's `host:port` on a follower's refusal.
+pub const LEADER_METADATA: &str = "corral-leader";
+/// Key prefix used when an `etcd://` spec names none.
+pub const DEFAULT_ETCD_PREFIX: &str = "/corral";
+
+/// Where the masters are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Masters {
+    /// `host:port` of every master.
+    List(Vec<String>),
+    /// The etcd cluster the masters elect their leader in.
+    Etcd(EtcdSpec),
+}
+
+/// An etcd cluster and the key prefix corral uses in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// `http://host:port` of each etcd member.
+    pub endpoints: Vec<String>,
+    /// Key prefix, e.g. `/corral` (leading slash, no trailing slash).
+    pub prefix: String,
+}
+
+impl Masters {
+    /// Parses `h1:5050,h2:5050` (an optional `http://` and trailing `/` are accepted) or `etcd://…`.
+    pub fn parse(text: &str) -> Result<Masters, String> {
+        let text = text.trim();
+        if text.starts_with("etcd://") {
+            return EtcdSpec::parse(text).map(Masters::Etcd);
+        }
+        let mut addrs = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let addr = item.strip_prefix("http://").unwrap_or(item).trim_end_matches('/');
+            if addr.starts_with("https://") {
+                return Err(format!("{item:?}: https is not supported yet; use http://host:port"));
+            }
+            addrs.push(host_port(addr).map_err(|e| format!("{item:?} {e}"))?);
+        }
+        if addrs.is_empty() {
+            return Err("no master address given (expected host:port[,host:port…] or etcd://host:port[/prefix])".into());
+        }
+        Ok(Masters::List(addrs))
+    }
+
+    /// A list of `host:port` addresses, checked.
+    pub fn list<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Masters, String> {
+        let joined: Vec<String> = addrs.into_iter().map(|a| a.as_ref().to_string()).collect();
+        if joined.iter().any(|a| a.starts_with("etcd://")) {
+            return Err("etcd:// cannot be mixed with master addresses".into());
+        }
+        Masters::parse(&joined.join(","))
+    }
+}
+
+impl std::fmt::Display for Masters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Masters::List(addrs) => f.write_str(&addrs.join(",")),
+            Masters::Etcd(spec) => spec.fmt(f),
+        }
+    }
+}
+
+fn host_port(addr: &str) -> Result<String, String> {
+    let (host, port) = addr.rsplit_once(':').ok_or("is not host:port")?;
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err("is not host:port (bad host)".into());
+    }
+    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or("is not host:port (bad port)")?;
+    Ok(addr.to_string())
+}
+
+impl EtcdSpec {
+    /// Parses `etcd://h1:2379,h2:2379[/prefix]`; the prefix defaults to [`DEFAULT_ETCD_PREFIX`].
+    pub fn parse(text: &str) -> Result<EtcdSpec, String> {
+        let rest = text
+            .trim()
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{text:?} is not etcd://host:port[,host:port…][/prefix]"))?;
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, DEFAULT_ETCD_PREFIX),
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let addr = host_port(host).map_err(|e| format!("etcd endpoint {host:?} {e}"))?;
+            endpoints.push(format!("http://{addr}"));
+        }
+        if endpoints.is_empty() {
+            return Err(format!("{text:?} names no etcd endpoint"));
+        }
+        Ok(EtcdSpec { endpoints, prefix: validate_prefix(prefix)? })
+    }
+
+    /// The same cluster under another prefix (checked).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<EtcdSpec, String> {
+        self.prefix = validate_prefix(prefix)?;
+        Ok(self)
+    }
+
+    /// Name of the election the masters campaign in; the leader's value is its advertised `host:port`.
+    pub fn election_name(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
+    /// Prefix of every registry key.
+    pub fn registry_prefix(&self) -> String {
+        format!("{}/registry/", self.prefix)
+    }
+
+    /// A client for this cluster. Connections are made lazily, so this succeeds while etcd is down. Requests give
+    /// up after `request_timeout` (None: never, for calls that wait by design such as a campaign); a dead etcd
+    /// connection is noticed by HTTP/2 pings either way.
+    pub async fn connect(&self, request_timeout: Option<Duration>) -> Result<etcd_client::Client, etcd_client::Error> {
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let Some(timeout) = request_timeout {
+            options = options.with_timeout(timeout);
+        }
+        etcd_client::Client::connect(&self.endpoints, Some(options)).await
+    }
+
+    /// The elected master's address, or `None` while no master leads.
+    pub async fn leader(&self, client: &mut etcd_client::Client) -> Result<Option<String>, etcd_client::Error> {
+        match client.leader(self.election_name()).await {
+            Ok(r) => Ok(r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string).filter(|v| !v.is_empty())),
+            // etcd answers "election: no leader" as an error.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Display for EtcdSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self.endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+        write!(f, "etcd://{}{}", hosts.join(","), self.prefix)
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<String, String> {
+    let trimmed = prefix.trim_end_matches('/');
+    if !trimmed.starts_with('/') || trimmed.len() < 2 || trimmed.contains(char::is_whitespace) || trimmed.contains("//")
+    {
+        return Err(format!("etcd prefix {prefix:?} must be a path like /corral"));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// The leader a follower named when it refused a call.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get(LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| host_port(v).is_ok())
+        .map(str::to_string)
+}
+
+/// A gRPC endpoint for a master, tuned to notice a dead or frozen master within seconds: TCP connect timeout and
+/// HTTP/2 keep-alive pings (a stopped process keeps its TCP connections open, but answers no ping).
+pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("master address {addr:?}: {e}"))?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(4))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
+
+/// How long a client waits for a master to accept a connection and answer the first call.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Picks the master to try next.
+pub struct Finder {
+    masters: Masters,
+    next: usize,
+    hint: Option<String>,
+    etcd: Option<etcd_client::Client>,
+}
+
+impl Finder {
+    pub fn new(masters: Masters) -> Finder {
+        Finder { masters, next: 0, hint: None, etcd: None }
+    }
+
+    pub fn masters(&self) -> &Masters {
+        &self.masters
+    }
+
+    /// Remembers the leader a master at `from` named; it is tried next. A master naming itself is ignored (it
+    /// just failed us), so a stale hint cannot make a client spin.
+    pub fn follow(&mut self, from: &str, leader: &str) -> bool {
+        if leader == from {
+            return false;
+        }
+        self.hint = Some(leader.to_string());
+        true
+    }
+
+    /// Whether a hint is waiting (the caller may retry at once instead of backing off).
+    pub fn has_hint(&self) -> bool {
+        self.hint.is_some()
+    }
+
+    /// The next master to try. With etcd, asks it for the elected leader; the error says why none is known.
+    pub async fn next(&mut self) -> Result<String, String> {
+        if let Some(hint) = self.hint.take() {
+            return Ok(hint);
+        }
+        match &self.masters {
+            Masters::List(addrs) => {
+                let addr = addrs[self.next % addrs.len()].clone();
+                self.next += 1;
+                Ok(addr)
+            }
+            Masters::Etcd(spec) => {
+                if self.etcd.is_none() {
+                    self.etcd = Some(spec.connect(Some(CONNECT_TIMEOUT)).await.map_err(|e| format!("etcd {spec}: {e}"))?);
+                }
+                let client = self.etcd.as_mut().expect("connected above");
+                match spec.leader(client).await {
+                    Ok(Some(leader)) => Ok(leader),
+                    Ok(None) => Err(format!("no master leads in {spec} yet")),
+                    Err(e) => Err(format!("cannot ask {spec} for the leader: {e}")),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_lists() {
+        assert_eq!(Masters::parse("http://127.0.0.1:5050/").unwrap(), Masters::List(vec!["127.0.0.1:5050".into()]));
+        assert_eq!(Masters::parse("a:1, b:2").unwrap(), Masters::List(vec!["a:1".into(), "b:2".into()]));
+        for bad in ["", ",", "nohost", "h:x", ":5050", "h:0", "https://h:1", "a b:1"] {
+            assert!(Masters::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Masters::list(["a:1", "etcd://e:2379"]).is_err());
+    }
+
+    #[test]
+    fn etcd_specs() {
+        let spec = EtcdSpec::parse("etcd://127.0.0.1:2379,e2:2379").unwrap();
+        assert_eq!(spec.endpoints, vec!["http://127.0.0.1:2379", "http://e2:2379"]);
+        assert_eq!(spec.prefix, "/corral");
+        assert_eq!(spec.election_name(), "/corral/leader");
+        assert_eq!(spec.registry_prefix(), "/corral/registry/");
+        assert_eq!(spec.to_string(), "etcd://127.0.0.1:2379,e2:2379/corral");
+        let spec = Masters::parse("etcd://e:1/prod/corral/").unwrap();
+        assert_eq!(spec, Masters::Etcd(EtcdSpec { endpoints: vec!["http://e:1".into()], prefix: "/prod/corral".into() }));
+        for bad in ["etcd://", "etcd:///x", "etcd://e", "etcd://e:1/", "etcd://e:1//x", "etcd://e:1/a b", "etc://e:1"] {
+            assert!(EtcdSpec::parse(bad).is_err(), "{bad}");
+        }
+        assert!(EtcdSpec::parse("etcd://e:1").unwrap().with_prefix("x").is_err());
+    }
+
+    #[tokio::test]
+    async fn finder_rotates_and_follows_hints_once() {
+        let mut f = Finder::new(Masters::parse("a:1,b:1,c:1").unwrap());
+        assert_eq!(f.next().await.unwrap(), "a:1");
+        assert!(f.follow("a:1", "c:1"));
+        assert!(f.has_hint());
+        assert_eq!(f.next().await.unwrap(), "c:1");
+        assert_eq!(f.next().await.unwrap(), "b:1");
+        assert!(!f.follow("c:1", "c:1"), "a master naming itself is not followed");
+        assert_eq!(f.next().await.unwrap(), "c:1");
+        assert_eq!(f.next().await.unwrap(), "a:1");
+    }
+
+    #[test]
+    fn hints_must_be_addresses() {
+        let mut s = tonic::Status::unavailable("not the leader");
+        assert_eq!(leader_hint(&s), None);
+        s.metadata_mut().insert(LEADER_METADATA, "m2:5050".parse().unwrap());
+        assert_eq!(leader_hint(&s).as_deref(), Some("m2:5050"));
+        s.metadata_mut().insert(LEADER_METADATA, "garbage".parse().unwrap());
+        assert_eq!(leader_hint(&s), None);
+    }
+}
