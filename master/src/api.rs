@@ -203,16 +203,23 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/state", axum::routing::get(state))
-        .layer(axum::middleware::from_fn_with_state(frontend.clone(), redirect_to_leader))
         .with_state(frontend)
 }
 
 /// Paths a follower answers itself; everything else is the leader's.
 const FOLLOWER_PATHS: &[&str] = &["/health", "/state"];
 
-/// On a follower, sends every request but [`FOLLOWER_PATHS`] to the leader: 307 keeps the method and body.
+/// On a follower, sends every HTTP request but [`FOLLOWER_PATHS`] to the leader: 307 keeps the method and body.
+/// (gRPC calls are refused by the services themselves, with the leader in their metadata.)
 async fn redirect_to_leader(State(frontend): State<Frontend>, request: HttpRequest, next: Next) -> HttpResponse {
-    if matches!(&*frontend.role.borrow(), Role::Leading(_)) || FOLLOWER_PATHS.contains(&request.uri().path()) {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc
+        || matches!(&*frontend.role.borrow(), Role::Leading(_))
+        || FOLLOWER_PATHS.contains(&request.uri().path())
+    {
         return next.run(request).await;
     }
     match frontend.leader_address() {
@@ -266,5 +273,6 @@ pub fn router(frontend: Frontend) -> axum::Router {
         .add_service(agent_service_server::AgentServiceServer::new(frontend.clone()))
         .prepare()
         .into_axum_router();
-    grpc.merge(http_router(frontend))
+    grpc.merge(http_router(frontend.clone()))
+        .layer(axum::middleware::from_fn_with_state(frontend, redirect_to_leader))
 }

@@ -15,6 +15,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+pub mod ha;
+
 /// How long harness waits last before a test fails. Generous: CI machines are slow and shared.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -192,17 +194,7 @@ impl Cluster {
 
     /// Starts (or restarts, with the same work dir) agent `i`.
     pub fn start_agent(&mut self, i: usize) {
-        let first_port = 31000 + i * 1000;
-        let mut args = vec![
-            format!("--master={}", self.master_addr()),
-            "--ip=127.0.0.1".to_string(),
-            "--port=0".to_string(),
-            format!("--work-dir={}", self.agent_dir(i).display()),
-            format!("--resources={};ports:[{}-{}]", self.spec.agent_resources, first_port, first_port + 999),
-            format!("--cgroup-root={}", self.cgroup_root),
-        ];
-        args.extend(self.spec.agent_args.clone());
-        let p = Process::spawn(&format!("agent-{i}"), &bin("corral-agent"), &args, self.dir.path());
+        let p = spawn_agent(self.dir.path(), i, &self.master_addr(), &self.spec, &self.cgroup_root);
         if i >= self.agents.len() {
             self.agents.resize_with(i + 1, || None);
         }
@@ -340,17 +332,38 @@ fn urlencode(s: &str) -> String {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for p in self.agents.iter().flatten() {
-            p.signal(Signal::SIGUSR1);
-        }
-        for p in self.agents.iter_mut().flatten() {
-            p.wait_timeout(Duration::from_secs(10));
-        }
-        self.agents.clear();
+        drain_agents(&mut self.agents);
         self.master = None;
         kill_strays(self.dir.path());
         remove_cgroups(&self.cgroup_root);
     }
+}
+
+/// Agent `i` of a test cluster in `dir`: loopback, a free HTTP port, its own 1000 ports, `spec`'s resources and
+/// flags, tasks under `cgroup_root`.
+pub fn spawn_agent(dir: &Path, i: usize, master: &str, spec: &ClusterSpec, cgroup_root: &str) -> Process {
+    let first_port = 31000 + i * 1000;
+    let mut args = vec![
+        format!("--master={master}"),
+        "--ip=127.0.0.1".to_string(),
+        "--port=0".to_string(),
+        format!("--work-dir={}", dir.join(format!("agent-{i}")).display()),
+        format!("--resources={};ports:[{}-{}]", spec.agent_resources, first_port, first_port + 999),
+        format!("--cgroup-root={cgroup_root}"),
+    ];
+    args.extend(spec.agent_args.clone());
+    Process::spawn(&format!("agent-{i}"), &bin("corral-agent"), &args, dir)
+}
+
+/// Drains every agent (SIGUSR1 kills its tasks), waits for them to exit, and forgets them.
+pub fn drain_agents(agents: &mut Vec<Option<Process>>) {
+    for p in agents.iter().flatten() {
+        p.signal(Signal::SIGUSR1);
+    }
+    for p in agents.iter_mut().flatten() {
+        p.wait_timeout(Duration::from_secs(10));
+    }
+    agents.clear();
 }
 
 /// Where this machine's cgroup hierarchies are: each v1 controller mount, or the unified v2 mount.
@@ -423,10 +436,16 @@ pub fn kill_strays(dir: &Path) {
     }
 }
 
+/// Drops offers from events that came before a re-subscription: the master that made them is gone.
+fn forget_offers(events: &mut std::collections::VecDeque<FrameworkEvent>) {
+    events.retain(|e| !matches!(e, FrameworkEvent::Offers(_)));
+}
+
 /// What a [`TestFramework`] saw.
 #[derive(Debug, Clone)]
 pub enum FrameworkEvent {
-    Registered { framework_id: String },
+    /// Subscribed (again) through the master at `master`.
+    Registered { framework_id: String, master: String },
     Offers(Vec<v1::Offer>),
     Rescinded(String),
     Update(v1::TaskStatus),
@@ -440,8 +459,9 @@ struct Forwarder {
 
 #[async_trait]
 impl Scheduler for Forwarder {
-    async fn registered(&mut self, driver: &Driver, framework_id: &str, _master: &str) {
-        let _ = self.tx.send((FrameworkEvent::Registered { framework_id: framework_id.into() }, driver.clone()));
+    async fn registered(&mut self, driver: &Driver, framework_id: &str, master: &str) {
+        let event = FrameworkEvent::Registered { framework_id: framework_id.into(), master: master.into() };
+        let _ = self.tx.send((event, driver.clone()));
     }
     async fn offers(&mut self, driver: &Driver, offers: Vec<v1::Offer>) {
         let _ = self.tx.send((FrameworkEvent::Offers(offers), driver.clone()));
@@ -464,6 +484,8 @@ impl Scheduler for Forwarder {
 pub struct TestFramework {
     pub driver: Driver,
     pub framework_id: String,
+    /// The master it first subscribed through.
+    pub master: String,
     rx: mpsc::UnboundedReceiver<(FrameworkEvent, Driver)>,
     task: tokio::task::JoinHandle<Result<(), corral_sdk::DriverError>>,
     /// Events read past by `wait_*` helpers, kept for later helpers.
@@ -475,15 +497,17 @@ impl TestFramework {
     pub async fn start(master: &str, info: v1::FrameworkInfo) -> TestFramework {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(SchedulerDriver::new(corral_sdk::Masters::parse(master).expect("master address"), info).run(Forwarder { tx }));
-        let (framework_id, driver) = loop {
+        let (framework_id, master, driver) = loop {
             match tokio::time::timeout(WAIT, rx.recv()).await {
-                Ok(Some((FrameworkEvent::Registered { framework_id }, driver))) => break (framework_id, driver),
+                Ok(Some((FrameworkEvent::Registered { framework_id, master }, driver))) => {
+                    break (framework_id, master, driver);
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("framework driver ended before subscribing: {:?}", task.await),
                 Err(_) => panic!("framework did not subscribe within {WAIT:?}"),
             }
         };
-        TestFramework { driver, framework_id, rx, task, backlog: Default::default() }
+        TestFramework { driver, framework_id, master, rx, task, backlog: Default::default() }
     }
 
     /// A framework with this name, role and failover timeout.
@@ -518,6 +542,9 @@ impl TestFramework {
             if found.is_none()
                 && let Some(t) = pick(&e)
             {
+                if matches!(e, FrameworkEvent::Registered { .. }) {
+                    forget_offers(&mut rest);
+                }
                 found = Some(t);
                 continue;
             }
@@ -533,6 +560,9 @@ impl TestFramework {
                 Ok(Some((event, _))) => {
                     if let Some(t) = pick(&event) {
                         self.backlog.extend(skipped);
+                        if matches!(event, FrameworkEvent::Registered { .. }) {
+                            forget_offers(&mut self.backlog);
+                        }
                         return t;
                     }
                     skipped.push(event);
@@ -586,6 +616,11 @@ impl TestFramework {
             match self.next(wait).await {
                 Some(FrameworkEvent::Offers(o)) => live.extend(o),
                 Some(FrameworkEvent::Rescinded(id)) => live.retain(|o| o.id != id),
+                Some(e @ FrameworkEvent::Registered { .. }) => {
+                    // A new subscription (e.g. after a master failover): earlier offers are void.
+                    live.clear();
+                    kept.push(e);
+                }
                 Some(other) => kept.push(other),
                 None => {
                     if let Some(indexes) = choose(&live) {

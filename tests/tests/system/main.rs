@@ -2,6 +2,7 @@
 //! frameworks on the real SDK.
 
 mod foundation;
+mod ha;
 mod isolation;
 mod health;
 mod recovery;
