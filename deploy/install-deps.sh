@@ -3,7 +3,7 @@
 # only when a package is missing. Needs root (or sudo).
 set -euo pipefail
 
-# protobuf-compiler: protoc for generating our gRPC code (and etcd-client's, later).
+# protobuf-compiler: protoc for generating our gRPC code and etcd-client's.
 PACKAGES=(protobuf-compiler ca-certificates "$@")
 
 missing=()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the release binaries, systemd units and example config on this node.
 # Usage: deploy/install.sh master|agent   (after `cargo build --release`)
+# For three replicated masters, start from deploy/config/ha/ (master.env, agent.env, etcd.default) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 role="${1:?usage: deploy/install.sh master|agent}"

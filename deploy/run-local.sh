@@ -3,7 +3,8 @@
 # Master (REST /state, gRPC): http://127.0.0.1:5050. Ctrl-C stops the cluster and everything it runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/install-deps.sh
+# etcd-server: `corral dev up --ha` runs a local etcd for three masters.
+bash deploy/install-deps.sh etcd-server etcd-client
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --bins
 BIN="$PWD/target/release"

@@ -1,6 +1,8 @@
 //! `corral dev up`: a whole cluster on this machine for trying corral out — one master and N agents on loopback,
-//! file registry, work dirs in a temporary directory. Stays in the foreground; on Ctrl-C (or SIGTERM) it drains
-//! the agents (their tasks are killed), stops the master, and removes the temporary directory.
+//! file registry, work dirs in a temporary directory. With `--ha`, a local etcd (the `etcd` binary on PATH, from
+//! Debian's etcd-server) and three masters electing a leader in it instead. Stays in the foreground; on Ctrl-C (or
+//! SIGTERM) it drains the agents (their tasks are killed), stops the masters and etcd, and removes the temporary
+//! directory.
 
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
@@ -39,6 +41,13 @@ pub struct UpArgs {
     /// Name of the agents' cgroup below each hierarchy.
     #[arg(long, default_value = "corral")]
     cgroup_root: String,
+    /// High availability: a local etcd (on --port+300 and +301) and three masters (on --port, --port+100 and
+    /// --port+200) electing a leader in it.
+    #[arg(long)]
+    ha: bool,
+    /// With --ha: the leader's lease TTL (a killed leader is replaced within about this long).
+    #[arg(long, default_value = "5s", requires = "ha")]
+    leader_lease_ttl: String,
 }
 
 struct Proc {
@@ -49,7 +58,8 @@ struct Proc {
 /// The processes started so far; dropping it stops them all (also on early errors).
 struct Cluster {
     agents: Vec<Proc>,
-    master: Option<Proc>,
+    masters: Vec<Proc>,
+    etcd: Option<Proc>,
 }
 
 impl Cluster {
@@ -62,10 +72,14 @@ impl Cluster {
             wait_or_kill(p, Duration::from_secs(20));
         }
         self.agents.clear();
-        if let Some(mut m) = self.master.take() {
-            let _ = kill(Pid::from_raw(m.child.id() as i32), Signal::SIGTERM);
-            wait_or_kill(&mut m, Duration::from_secs(10));
+        for p in self.masters.iter().chain(&self.etcd) {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
         }
+        for p in self.masters.iter_mut().chain(&mut self.etcd) {
+            wait_or_kill(p, Duration::from_secs(10));
+        }
+        self.masters.clear();
+        self.etcd = None;
     }
 }
 
@@ -113,6 +127,37 @@ fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> anyhow:
     Ok(Proc { name: name.to_string(), child })
 }
 
+/// Starts a single-member etcd on loopback ports `base` (clients) and `base + 1` (peers), with its data in
+/// `root/etcd` (fixed ports, so a kept --work-dir restarts with the membership it recorded); returns its URL.
+async fn start_etcd(root: &Path, base: u16, cluster: &mut Cluster) -> anyhow::Result<String> {
+    let program = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("etcd")).find(|p| p.is_file()))
+        .ok_or_else(|| anyhow!("--ha needs etcd on PATH: apt-get install etcd-server (deploy/install-deps.sh does)"))?;
+    let (client, peer) = (base, base.checked_add(1).ok_or_else(|| anyhow!("etcd port {base} is too high"))?);
+    let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+    cluster.etcd = Some(spawn(
+        "etcd",
+        &program,
+        &[
+            "--name=corral-dev".into(),
+            format!("--data-dir={}", root.join("etcd").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=corral-dev={peer_url}"),
+        ],
+        root,
+    )?);
+    let health = format!("{client_url}/health");
+    wait_until("etcd answering /health", Duration::from_secs(15), async || {
+        get_json(&health).await.is_ok_and(|v| v["health"] == "true")
+    })
+    .await
+    .with_context(|| format!("see {}", root.join("etcd.log").display()))?;
+    Ok(format!("etcd://127.0.0.1:{client}"))
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -139,23 +184,32 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             (Some(t), p)
         }
     };
-    let mut cluster = Cluster { agents: Vec::new(), master: None };
+    let mut cluster = Cluster { agents: Vec::new(), masters: Vec::new(), etcd: None };
     let master_addr = format!("127.0.0.1:{}", args.port);
-    cluster.master = Some(spawn(
-        "master",
-        &master_bin,
-        &[
-            "--ip=127.0.0.1".into(),
-            format!("--port={}", args.port),
-            format!("--work-dir={}", root.join("master").display()),
-            format!("--agent-ping-timeout={}", args.agent_ping_timeout),
-        ],
-        &root,
-    )?);
-    let health = format!("http://{master_addr}/health");
-    wait_until("the master answering /health", Duration::from_secs(15), async || get_json(&health).await.is_ok())
-        .await
-        .with_context(|| format!("see {}", root.join("master.log").display()))?;
+    let mut master_args = vec!["--ip=127.0.0.1".to_string(), format!("--agent-ping-timeout={}", args.agent_ping_timeout)];
+    let ports: Vec<u16> = if args.ha {
+        let base = args.port.checked_add(300).ok_or_else(|| anyhow!("--port {} is too high for --ha", args.port))?;
+        let etcd = start_etcd(&root, base, &mut cluster).await?;
+        master_args.push(format!("--registry={etcd}"));
+        master_args.push(format!("--leader-lease-ttl={}", args.leader_lease_ttl));
+        (0..3).map(|k| args.port.checked_add(100 * k).ok_or_else(|| anyhow!("--port {} is too high for --ha", args.port))).collect::<Result<_, _>>()?
+    } else {
+        vec![args.port]
+    };
+    for (k, port) in ports.iter().enumerate() {
+        let name = if args.ha { format!("master-{k}") } else { "master".to_string() };
+        let mut margs = master_args.clone();
+        margs.push(format!("--port={port}"));
+        margs.push(format!("--work-dir={}", root.join(&name).display()));
+        cluster.masters.push(spawn(&name, &master_bin, &margs, &root)?);
+    }
+    let masters = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let state_url = format!("http://{master_addr}/state");
+    wait_until("a leading master", Duration::from_secs(20), async || {
+        get_json(&state_url).await.is_ok_and(|s| s["leader"].is_string())
+    })
+    .await
+    .with_context(|| format!("see the master logs in {}", root.display()))?;
     for i in 0..args.agents {
         let first_port = 31000 + u32::from(i) * 1000;
         let resources = format!("{};ports:[{}-{}]", args.agent_resources, first_port, first_port + 999);
@@ -163,7 +217,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             &format!("agent-{i}"),
             &agent_bin,
             &[
-                format!("--master={master_addr}"),
+                format!("--master={masters}"),
                 "--ip=127.0.0.1".into(),
                 format!("--port={}", args.agent_port + i),
                 format!("--work-dir={}", root.join(format!("agent-{i}")).display()),
@@ -175,18 +229,25 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             &root,
         )?);
     }
-    let state_url = format!("http://{master_addr}/state");
     let want = args.agents as usize;
+    let cluster_masters = crate::client::Masters::parse(&masters).map_err(|e| anyhow!(e))?;
     wait_until("all agents registering", Duration::from_secs(20), async || {
-        get_json(&state_url).await.ok().and_then(|s| s["agents"].as_array().map(|a| a.len())) == Some(want)
+        cluster_masters.state().await.ok().and_then(|s| s["agents"].as_array().map(|a| a.len())) == Some(want)
     })
     .await
     .with_context(|| format!("see the agent logs in {}", root.display()))?;
 
-    println!("corral dev cluster is up: 1 master, {} agent(s)", args.agents);
-    println!("  master:    http://{master_addr}   (state: http://{master_addr}/state)");
-    println!("  work dir:  {}  (logs: master.log, agent-N.log)", root.display());
-    println!("  try:       export CORRAL_MASTER=http://{master_addr}");
+    if args.ha {
+        println!("corral dev cluster is up: 3 masters electing a leader in etcd, {} agent(s)", args.agents);
+        println!("  masters:   {masters}   (any of them redirects to the leader)");
+        println!("  work dir:  {}  (logs: etcd.log, master-N.log, agent-N.log)", root.display());
+        println!("  try:       export CORRAL_MASTER={masters}");
+    } else {
+        println!("corral dev cluster is up: 1 master, {} agent(s)", args.agents);
+        println!("  master:    http://{master_addr}   (state: http://{master_addr}/state)");
+        println!("  work dir:  {}  (logs: master.log, agent-N.log)", root.display());
+        println!("  try:       export CORRAL_MASTER=http://{master_addr}");
+    }
     println!("             corral execute --name hello --command 'echo hello from corral'");
     println!("             corral task list --all");
     println!("Press Ctrl-C to stop the cluster and every task it runs.");
@@ -199,7 +260,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             _ = tokio::signal::ctrl_c() => break 0,
             _ = term.recv() => break 0,
             _ = ticker.tick() => {
-                let dead = cluster.master.iter_mut().chain(cluster.agents.iter_mut())
+                let dead = cluster.masters.iter_mut().chain(cluster.etcd.iter_mut()).chain(cluster.agents.iter_mut())
                     .find_map(|p| p.child.try_wait().ok().flatten().map(|st| (p.name.clone(), st)));
                 if let Some((name, status)) = dead {
                     eprintln!("{name} exited unexpectedly ({status}); see {}", root.join(format!("{name}.log")).display());
@@ -208,7 +269,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    println!("stopping: draining agents (their tasks are killed), then the master");
+    println!("stopping: draining agents (their tasks are killed), then the master(s)");
     cluster.stop();
     drop(temp);
     Ok(code)

@@ -592,24 +592,36 @@ async fn cli_task_log_follow_streams_new_lines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
+    dev_up_and_ctrl_c(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_up_ha_runs_etcd_and_three_masters_and_cleans_up_on_ctrl_c() {
+    dev_up_and_ctrl_c(true).await;
+}
+
+async fn dev_up_and_ctrl_c(ha: bool) {
     let dir = tempfile::tempdir().unwrap();
     let port = corral_tests::free_port();
-    let cgroup_root = format!("corral-test-dev-{}", std::process::id());
-    let mut dev = corral_tests::Process::spawn(
-        "dev",
-        &corral_tests::bin("corral"),
-        &[
-            "dev".into(),
-            "up".into(),
-            "--agents=2".into(),
-            format!("--port={port}"),
-            format!("--agent-port={}", corral_tests::free_port()),
-            format!("--work-dir={}", dir.path().join("cluster").display()),
-            format!("--cgroup-root={cgroup_root}"),
-        ],
-        dir.path(),
-    );
-    let master = format!("http://127.0.0.1:{port}");
+    let cgroup_root = format!("corral-test-dev-{}-{ha}", std::process::id());
+    let mut args = vec![
+        "dev".into(),
+        "up".into(),
+        "--agents=2".into(),
+        format!("--port={port}"),
+        format!("--agent-port={}", corral_tests::free_port()),
+        format!("--work-dir={}", dir.path().join("cluster").display()),
+        format!("--cgroup-root={cgroup_root}"),
+    ];
+    if ha {
+        args.extend(["--ha".into(), "--leader-lease-ttl=2s".into()]);
+    }
+    let mut dev = corral_tests::Process::spawn("dev", &corral_tests::bin("corral"), &args, dir.path());
+    let masters: Vec<String> = if ha { vec![port, port + 100, port + 200] } else { vec![port] }
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let master = masters.join(",");
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(Instant::now() < deadline, "dev up never printed its banner: {}", dev.log_tail());
@@ -627,8 +639,12 @@ async fn dev_up_runs_a_cluster_and_cleans_up_everything_on_ctrl_c() {
         .unwrap();
     let http = reqwest::Client::new();
     loop {
-        let state: serde_json::Value = http.get(format!("{master}/state")).send().await.unwrap().json().await.unwrap();
-        if Cluster::find_task(&state, "bg").is_some_and(|t| t["state"] == "TASK_RUNNING") {
+        let mut running = false;
+        for m in &masters {
+            let state: serde_json::Value = http.get(format!("http://{m}/state")).send().await.unwrap().json().await.unwrap();
+            running |= Cluster::find_task(&state, "bg").is_some_and(|t| t["state"] == "TASK_RUNNING");
+        }
+        if running {
             break;
         }
         assert!(Instant::now() < deadline, "task never ran");
