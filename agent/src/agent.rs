@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use corral_proto::v1::{self, agent_message, master_message};
 use corral_proto::v1::{StatusReason, StatusSource, TaskState};
-use corral_discovery::{Finder, Masters};
+use corral_discovery::{Attempt, Finder, Masters};
 use corral_proto::{Resources, now_seconds};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -835,20 +835,18 @@ impl Agent {
 }
 
 /// Keeps a session with the leading master open for as long as the agent runs: tries the masters in turn (or the
-/// leader etcd names), follows a follower's `corral-leader` hint at once, and backs off (to 1 s) only after a failure.
+/// leader etcd names), follows a follower's `corral-leader` hint at once, and paces retries as [`Finder::after`] says.
 pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>) {
     use corral_proto::v1::agent_service_client::AgentServiceClient;
-    const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut finder = Finder::new(masters);
     let mut conn = 0u64;
-    let mut backoff = Duration::from_millis(100);
     loop {
         let addr = match finder.next().await {
             Ok(addr) => addr,
             Err(e) => {
                 debug!("no master to try: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let pause = finder.after("", Attempt::Failed);
+                tokio::time::sleep(pause.unwrap_or_default()).await;
                 continue;
             }
         };
@@ -856,7 +854,7 @@ pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>
             let channel = corral_discovery::endpoint(&addr).map_err(|e| e.to_string())?.connect().await;
             channel.map(AgentServiceClient::new).map_err(|e| e.to_string())
         };
-        match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, connect).await {
+        let attempt = match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, connect).await {
             Ok(Ok(mut client)) => {
                 conn += 1;
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -864,13 +862,14 @@ pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>
                     return;
                 }
                 let session = client.session(UnboundedReceiverStream::new(rx));
-                match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, session).await {
+                let attempt = match tokio::time::timeout(corral_discovery::CONNECT_TIMEOUT, session).await {
                     Ok(Ok(response)) => {
-                        backoff = Duration::from_millis(100);
                         let mut inbound = response.into_inner();
+                        let mut served = false;
                         loop {
                             match inbound.next().await {
                                 Some(Ok(message)) => {
+                                    served = true;
                                     if events.send(Event::FromMaster { conn, message: Box::new(message) }).is_err() {
                                         return;
                                     }
@@ -885,25 +884,33 @@ pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>
                                 }
                             }
                         }
+                        // A session refused after it opened (e.g. a REGISTER the master rejects) must back off.
+                        if served { Attempt::Ended } else { Attempt::Failed }
                     }
-                    Ok(Err(status)) => match corral_discovery::leader_hint(&status) {
-                        Some(leader) if finder.follow(&addr, &leader) => {
-                            debug!(master = %addr, %leader, "not the leader; following its hint");
-                        }
-                        _ => warn!(master = %addr, "session refused: {}", status.message()),
-                    },
-                    Err(_) => warn!(master = %addr, "master did not answer within {:?}", corral_discovery::CONNECT_TIMEOUT),
-                }
+                    Ok(Err(status)) => {
+                        let leader = corral_discovery::leader_hint(&status);
+                        debug!(master = %addr, ?leader, "session refused: {}", status.message());
+                        Attempt::Refused { leader }
+                    }
+                    Err(_) => {
+                        warn!(master = %addr, "master did not answer within {:?}", corral_discovery::CONNECT_TIMEOUT);
+                        Attempt::Unreachable
+                    }
+                };
                 let _ = events.send(Event::Disconnected { conn });
+                attempt
             }
-            Ok(Err(e)) => debug!(master = %addr, "cannot connect: {e}"),
-            Err(_) => debug!(master = %addr, "connecting timed out"),
+            Ok(Err(e)) => {
+                debug!(master = %addr, "cannot connect: {e}");
+                Attempt::Unreachable
+            }
+            Err(_) => {
+                debug!(master = %addr, "connecting timed out");
+                Attempt::Unreachable
+            }
+        };
+        if let Some(pause) = finder.after(&addr, attempt) {
+            tokio::time::sleep(pause).await;
         }
-        if finder.has_hint() {
-            continue;
-        }
-        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

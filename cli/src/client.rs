@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use corral_discovery::Attempt;
 use serde_json::Value;
 
 /// Where the user said the masters are.
@@ -19,6 +20,7 @@ impl Masters {
     /// GETs `path` from the leading master: tries each master (or the leader etcd names), follows a follower's
     /// answer naming the leader (HTTP redirects are followed by the client itself).
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        // No pauses: a command line tool tries each master once (twice with hints) and reports.
         let mut finder = corral_discovery::Finder::new(self.spec.clone());
         let tries = match &self.spec {
             corral_discovery::Masters::List(addrs) => addrs.len() * 2,
@@ -35,13 +37,16 @@ impl Masters {
             };
             match get_json(&format!("http://{addr}{path}")).await {
                 Ok(v) if v.get("is_leader") == Some(&Value::Bool(false)) => {
-                    match v.get("leader").and_then(Value::as_str) {
-                        Some(leader) if finder.follow(&addr, leader) => {}
-                        _ => errors.push(format!("{addr} is not the leader and knows of none")),
+                    let leader = v.get("leader").and_then(Value::as_str).map(str::to_string);
+                    if finder.after(&addr, Attempt::Refused { leader }).is_some() {
+                        errors.push(format!("{addr} is not the leader and knows of no live one"));
                     }
                 }
                 Ok(v) => return Ok(v),
-                Err(e) => errors.push(format!("{e:#}")),
+                Err(e) => {
+                    finder.after(&addr, Attempt::Unreachable);
+                    errors.push(format!("{e:#}"));
+                }
             }
         }
         errors.dedup();

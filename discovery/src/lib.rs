@@ -8,7 +8,8 @@
 //! Masters that do not lead answer gRPC calls with `UNAVAILABLE` and the leader's address in the
 //! [`LEADER_METADATA`] header, and REST calls with a 307 redirect.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// gRPC metadata key carrying the leader's `host:port` on a follower's refusal.
 pub const LEADER_METADATA: &str = "corral-leader";
@@ -187,36 +188,92 @@ pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
 /// How long a client waits for a master to accept a connection and answer the first call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Picks the master to try next.
+/// How long a master that could not be reached is passed over (while others remain) and its name ignored as a hint.
+/// During a failover, followers keep naming the dead leader until its lease expires; without this a client would
+/// bounce between a follower and the dead master.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
+/// How an attempt to reach the leader through one master ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// No connection, or no answer in time.
+    Unreachable,
+    /// The master answered but would not serve us (a follower), naming `leader` if it knows one.
+    Refused { leader: Option<String> },
+    /// A session was established, served, and has now ended.
+    Ended,
+    /// Anything else: etcd names no leader or cannot be asked, or a session ended before it served.
+    Failed,
+}
+
+/// Shortest and longest pause after failures (doubling in between), and the pause after a follower's refusal.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const REFUSED_PAUSE: Duration = Duration::from_millis(300);
+
+/// Picks the master to try next, and how long to wait before trying.
 pub struct Finder {
     masters: Masters,
     next: usize,
     hint: Option<String>,
     etcd: Option<etcd_client::Client>,
+    unreachable: HashMap<String, Instant>,
+    backoff: Duration,
 }
 
 impl Finder {
     pub fn new(masters: Masters) -> Finder {
-        Finder { masters, next: 0, hint: None, etcd: None }
+        Finder { masters, next: 0, hint: None, etcd: None, unreachable: HashMap::new(), backoff: FIRST_BACKOFF }
+    }
+
+    /// Records how the attempt through `addr` ended; returns how long to wait before the next one (None: at once).
+    ///
+    /// A followed leader hint is tried at once. A follower's refusal without a usable hint (an election is under
+    /// way) pauses briefly without growing the backoff, so the new leader is found soon after it is elected.
+    /// Unreachable masters double the backoff up to 1 s and are passed over for [`SUSPECT_FOR`]. Pauses carry up
+    /// to 100 ms of jitter, so thousands of agents do not retry in step.
+    pub fn after(&mut self, addr: &str, attempt: Attempt) -> Option<Duration> {
+        let jitter = || Duration::from_millis(rand::random::<u64>() % 100);
+        match attempt {
+            Attempt::Refused { leader } => {
+                self.unreachable.remove(addr);
+                if leader.is_some_and(|leader| self.follow(addr, &leader)) {
+                    return None;
+                }
+                Some(REFUSED_PAUSE + jitter())
+            }
+            Attempt::Ended => {
+                self.unreachable.remove(addr);
+                self.backoff = FIRST_BACKOFF;
+                Some(self.backoff + jitter())
+            }
+            Attempt::Unreachable | Attempt::Failed => {
+                if attempt == Attempt::Unreachable {
+                    self.unreachable.insert(addr.to_string(), Instant::now());
+                }
+                let pause = self.backoff + jitter();
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                Some(pause)
+            }
+        }
+    }
+
+    fn suspect(&self, addr: &str) -> bool {
+        self.unreachable.get(addr).is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
     pub fn masters(&self) -> &Masters {
         &self.masters
     }
 
-    /// Remembers the leader a master at `from` named; it is tried next. A master naming itself is ignored (it
-    /// just failed us), so a stale hint cannot make a client spin.
-    pub fn follow(&mut self, from: &str, leader: &str) -> bool {
-        if leader == from {
+    /// Remembers the leader a master at `from` named; it is tried next. A master naming itself (it just failed
+    /// us) or one recently unreachable is not followed, so a stale hint cannot make a client spin.
+    fn follow(&mut self, from: &str, leader: &str) -> bool {
+        if leader == from || self.suspect(leader) {
             return false;
         }
         self.hint = Some(leader.to_string());
         true
-    }
-
-    /// Whether a hint is waiting (the caller may retry at once instead of backing off).
-    pub fn has_hint(&self) -> bool {
-        self.hint.is_some()
     }
 
     /// The next master to try. With etcd, asks it for the elected leader; the error says why none is known.
@@ -226,9 +283,13 @@ impl Finder {
         }
         match &self.masters {
             Masters::List(addrs) => {
-                let addr = addrs[self.next % addrs.len()].clone();
-                self.next += 1;
-                Ok(addr)
+                // The next master in turn that was not unreachable lately (or simply the next, if none).
+                let start = self.next;
+                let pick = (start..start + addrs.len())
+                    .find(|i| !self.suspect(&addrs[i % addrs.len()]))
+                    .unwrap_or(start);
+                self.next = pick + 1;
+                Ok(addrs[pick % addrs.len()].clone())
             }
             Masters::Etcd(spec) => {
                 if self.etcd.is_none() {
@@ -275,17 +336,56 @@ mod tests {
         assert!(EtcdSpec::parse("etcd://e:1").unwrap().with_prefix("x").is_err());
     }
 
+    fn refused(leader: &str) -> Attempt {
+        Attempt::Refused { leader: Some(leader.to_string()) }
+    }
+
     #[tokio::test]
-    async fn finder_rotates_and_follows_hints_once() {
+    async fn finder_rotates_and_follows_hints_at_once() {
         let mut f = Finder::new(Masters::parse("a:1,b:1,c:1").unwrap());
         assert_eq!(f.next().await.unwrap(), "a:1");
-        assert!(f.follow("a:1", "c:1"));
-        assert!(f.has_hint());
+        assert_eq!(f.after("a:1", refused("c:1")), None, "a hint is followed at once");
         assert_eq!(f.next().await.unwrap(), "c:1");
         assert_eq!(f.next().await.unwrap(), "b:1");
-        assert!(!f.follow("c:1", "c:1"), "a master naming itself is not followed");
+        assert!(f.after("c:1", refused("c:1")).is_some(), "a master naming itself is not followed");
         assert_eq!(f.next().await.unwrap(), "c:1");
         assert_eq!(f.next().await.unwrap(), "a:1");
+    }
+
+    #[tokio::test]
+    async fn unreachable_masters_are_passed_over_and_not_followed() {
+        let mut f = Finder::new(Masters::parse("a:1,b:1,c:1").unwrap());
+        assert!(f.after("a:1", Attempt::Unreachable).is_some());
+        assert!(f.after("b:1", refused("a:1")).is_some(), "a dead leader named by a follower is not followed");
+        assert_eq!(f.next().await.unwrap(), "b:1");
+        assert_eq!(f.next().await.unwrap(), "c:1");
+        assert_eq!(f.next().await.unwrap(), "b:1", "a:1 is skipped while others remain");
+        f.after("a:1", Attempt::Ended);
+        assert_eq!(f.next().await.unwrap(), "c:1");
+        assert_eq!(f.next().await.unwrap(), "a:1");
+        for m in ["a:1", "b:1", "c:1"] {
+            f.after(m, Attempt::Unreachable);
+        }
+        assert_eq!(f.next().await.unwrap(), "b:1", "all unreachable: still try them in turn");
+    }
+
+    #[test]
+    fn pauses_grow_on_failures_only() {
+        let mut f = Finder::new(Masters::parse("a:1").unwrap());
+        let within = |d: Option<Duration>, lo: u64, hi: u64| {
+            let d = d.unwrap();
+            assert!(d >= Duration::from_millis(lo) && d < Duration::from_millis(hi), "{d:?} not in [{lo}, {hi})");
+        };
+        within(f.after("a:1", Attempt::Unreachable), 100, 200);
+        within(f.after("a:1", Attempt::Failed), 200, 300);
+        within(f.after("a:1", Attempt::Refused { leader: None }), 300, 400);
+        within(f.after("a:1", Attempt::Unreachable), 400, 500);
+        for _ in 0..5 {
+            f.after("a:1", Attempt::Unreachable);
+        }
+        within(f.after("a:1", Attempt::Unreachable), 1000, 1100);
+        within(f.after("a:1", Attempt::Ended), 100, 200);
+        within(f.after("a:1", Attempt::Unreachable), 100, 200);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use corral_discovery::{Finder, Masters};
+use corral_discovery::{Attempt, Finder, Masters};
 use corral_proto::v1::{self, event, scheduler_client::SchedulerClient};
 use tokio::sync::{Mutex, watch};
 use tokio_stream::StreamExt;
@@ -205,9 +205,7 @@ impl SchedulerDriver {
             framework_id: Arc::new(Mutex::new((!self.framework.id.is_empty()).then(|| self.framework.id.clone()))),
             stop: Arc::new(stop_tx),
         };
-        const MAX_BACKOFF: Duration = Duration::from_secs(1);
         let mut finder = Finder::new(self.masters.clone());
-        let mut backoff = Duration::from_millis(100);
         loop {
             if *stop_rx.borrow() {
                 return Ok(());
@@ -218,36 +216,28 @@ impl SchedulerDriver {
                         Ok(master) => self.session(&master, &driver, &mut scheduler).await.map(|end| (master, end)),
                         Err(e) => {
                             debug!("no master to try: {e}");
-                            Ok((String::new(), SessionEnd::Lost { was_subscribed: false }))
+                            Ok((String::new(), SessionEnd::Over(Attempt::Failed)))
                         }
                     }
                 } => outcome,
                 _ = stop_rx.wait_for(|stopped| *stopped) => return Ok(()),
             };
             *driver.session.lock().await = None;
-            match outcome {
+            let (master, attempt) = match outcome {
                 Ok((_, SessionEnd::Stopped)) => return Ok(()),
-                Ok((_, SessionEnd::Lost { was_subscribed })) => {
-                    if was_subscribed {
-                        backoff = Duration::from_millis(100);
-                        scheduler.disconnected(&driver).await;
-                    }
-                }
-                Ok((master, SessionEnd::Redirect(leader))) => {
-                    if finder.follow(&master, &leader) {
-                        debug!(%master, %leader, "not the leader; following its hint");
-                        continue;
-                    }
-                }
+                Ok((master, SessionEnd::Over(attempt))) => (master, attempt),
                 Err(DriverError::Removed(_)) if *stop_rx.borrow() => return Ok(()),
                 Err(e) => return Err(e),
+            };
+            if attempt == Attempt::Ended {
+                scheduler.disconnected(&driver).await;
             }
             if *stop_rx.borrow() {
                 return Ok(());
             }
-            let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-            tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            if let Some(pause) = finder.after(&master, attempt) {
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 
@@ -258,7 +248,7 @@ impl SchedulerDriver {
         driver: &Driver,
         scheduler: &mut S,
     ) -> Result<SessionEnd, DriverError> {
-        let lost = Ok(SessionEnd::Lost { was_subscribed: false });
+        let unreachable = Ok(SessionEnd::Over(Attempt::Unreachable));
         let connect = async {
             let channel = corral_discovery::endpoint(master).map_err(|e| e.to_string())?.connect().await;
             channel.map(SchedulerClient::new).map_err(|e| e.to_string())
@@ -267,11 +257,11 @@ impl SchedulerDriver {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 debug!(master, "cannot connect: {e}");
-                return lost;
+                return unreachable;
             }
             Err(_) => {
                 debug!(master, "connecting timed out");
-                return lost;
+                return unreachable;
             }
         };
         let mut info = self.framework.clone();
@@ -283,23 +273,25 @@ impl SchedulerDriver {
             Ok(subscribed) => subscribed,
             Err(_) => {
                 debug!(master, "subscribe was not answered within {:?}", corral_discovery::CONNECT_TIMEOUT);
-                return lost;
+                return unreachable;
             }
         };
         let mut stream = match subscribed {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                if let Some(leader) = corral_discovery::leader_hint(&status) {
-                    return Ok(SessionEnd::Redirect(leader));
-                }
                 return match status.code() {
                     tonic::Code::InvalidArgument
                     | tonic::Code::NotFound
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::PermissionDenied => Err(DriverError::Refused(status.message().to_string())),
+                    tonic::Code::Unavailable => {
+                        let leader = corral_discovery::leader_hint(&status);
+                        debug!(master, ?leader, "subscribe refused: {}", status.message());
+                        Ok(SessionEnd::Over(Attempt::Refused { leader }))
+                    }
                     _ => {
                         debug!(master, "subscribe failed: {}", status.message());
-                        lost
+                        Ok(SessionEnd::Over(Attempt::Failed))
                     }
                 };
             }
@@ -311,7 +303,7 @@ impl SchedulerDriver {
                 Ok(next) => next,
                 Err(_) => {
                     warn!(master, "no event for {silence:?}; reconnecting");
-                    return Ok(SessionEnd::Lost { was_subscribed: subscribed });
+                    return Ok(SessionEnd::Over(ended(subscribed)));
                 }
             };
             let event = match next {
@@ -319,9 +311,9 @@ impl SchedulerDriver {
                 Some(Ok(_)) => continue,
                 Some(Err(status)) => {
                     debug!(master, "event stream failed: {}", status.message());
-                    return Ok(SessionEnd::Lost { was_subscribed: subscribed });
+                    return Ok(SessionEnd::Over(ended(subscribed)));
                 }
-                None => return Ok(SessionEnd::Lost { was_subscribed: subscribed }),
+                None => return Ok(SessionEnd::Over(ended(subscribed))),
             };
             match event {
                 event::Event::Subscribed(s) => {
@@ -369,6 +361,10 @@ impl SchedulerDriver {
 
 enum SessionEnd {
     Stopped,
-    Lost { was_subscribed: bool },
-    Redirect(String),
+    Over(Attempt),
+}
+
+/// How a stream that opened ended: as a served session once SUBSCRIBED arrived, else as a failed attempt.
+fn ended(subscribed: bool) -> Attempt {
+    if subscribed { Attempt::Ended } else { Attempt::Failed }
 }
