@@ -6,12 +6,16 @@
 //! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches,
 //!   with cgroups and without in one run;
 //! * `cgroups` — creating and removing one task's cgroups on this host;
-//! * `all` — both; `--smoke` runs each at a tiny size (for CI, so the bench never rots).
+//! * `failover` — a real etcd, three masters, agents and a framework: the leader is SIGKILLed (then, separately,
+//!   SIGTERMed, so it resigns) again and again; time until a new leader is elected, until it sends the framework
+//!   offers, and until every agent has re-registered;
+//! * `all` — every scenario; `--smoke` runs each at a tiny size (for CI, so the bench never rots).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nix::sys::signal::Signal;
 use corral_master::allocator::{Allocator, AllocatorConfig};
 use corral_proto::{AgentId, FrameworkId, Resources};
 use serde_json::{Value, json};
@@ -46,6 +50,17 @@ enum Scenario {
     Cgroups {
         #[arg(long, default_value_t = 200)]
         count: usize,
+    },
+    /// Leader failover with replicated masters: SIGKILL and clean resign.
+    Failover {
+        /// Failovers of each kind.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// The masters' lease TTL, in whole seconds.
+        #[arg(long, default_value_t = 2)]
+        lease_ttl: u64,
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
     },
     /// Every scenario at its default size.
     All,
@@ -205,6 +220,47 @@ fn cgroups(count: usize) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
+/// Kills (SIGKILL) or stops (SIGTERM) the leader `count` times each and times the takeover.
+async fn failover(count: usize, lease_ttl: u64, agents: usize) -> anyhow::Result<Vec<Row>> {
+    use corral_tests::ha::{HaCluster, registered_agents};
+    use corral_tests::{ClusterSpec, FrameworkEvent, TestFramework};
+    let ttl = Duration::from_secs(lease_ttl);
+    let mut cluster = HaCluster::start(3, ttl, ClusterSpec { agents, ..ClusterSpec::default() }).await;
+    let mut fw = TestFramework::start(&cluster.master_list(), TestFramework::info("bench", "*", 300.0)).await;
+    let mut rows = vec![Row { scenario: "failover", metric: "leader lease TTL".into(), value: ttl.as_secs_f64(), unit: "s" }];
+    for (signal, name) in [(Signal::SIGKILL, "SIGKILL"), (Signal::SIGTERM, "SIGTERM (resign)")] {
+        let (mut elected, mut offered, mut reregistered) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..count {
+            let leader = cluster.wait_agreed_leader().await;
+            // Forget what the old leader sent: only the new leader's offers count.
+            while fw.next(Duration::from_millis(200)).await.is_some() {}
+            let t = Instant::now();
+            cluster.signal_master(leader, signal);
+            let (_, took) = cluster.wait_leader(Some(leader)).await;
+            elected.push(took);
+            fw.wait_for("re-subscription", |e| matches!(e, FrameworkEvent::Registered { .. }).then_some(())).await;
+            fw.wait_for("offers from the new leader", |e| matches!(e, FrameworkEvent::Offers(_)).then_some(())).await;
+            offered.push(t.elapsed());
+            cluster.wait_leader_state("every agent back", |s| registered_agents(s) == agents).await;
+            reregistered.push(t.elapsed());
+            cluster.kill_master(leader);
+            cluster.start_master(leader);
+        }
+        for (what, mut times) in [
+            ("new leader elected", elected),
+            ("framework offered resources by the new leader", offered),
+            ("every agent re-registered", reregistered),
+        ] {
+            times.sort();
+            let metric = format!("[{name}] {what}, median of {count}");
+            rows.push(Row { scenario: "failover", metric, value: ms(percentile(&times, 0.5)), unit: "ms" });
+            let metric = format!("[{name}] {what}, max");
+            rows.push(Row { scenario: "failover", metric, value: ms(*times.last().unwrap_or(&Duration::ZERO)), unit: "ms" });
+        }
+    }
+    Ok(rows)
+}
+
 fn print(rows: &[Row]) -> anyhow::Result<()> {
     let width = rows.iter().map(|r| r.metric.len()).max().unwrap_or(10);
     println!("{:<10}  {:<width$}  {:>12}", "SCENARIO", "METRIC", "VALUE");
@@ -228,10 +284,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Launch { count } => rows.extend(launch_both(if cli.smoke { 5 } else { count }).await?),
         Scenario::Cgroups { count } => rows.extend(cgroups(if cli.smoke { 5 } else { count })?),
+        Scenario::Failover { count, lease_ttl, agents } => {
+            rows.extend(failover(if cli.smoke { 1 } else { count }, lease_ttl, agents).await?)
+        }
         Scenario::All => {
             rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
             rows.extend(launch_both(if cli.smoke { 5 } else { 200 }).await?);
             rows.extend(cgroups(if cli.smoke { 5 } else { 200 })?);
+            rows.extend(failover(if cli.smoke { 1 } else { 10 }, 2, 3).await?);
         }
     }
     print(&rows)

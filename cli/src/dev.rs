@@ -63,6 +63,15 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// A process that exited, with its status.
+    fn dead(&mut self) -> Option<(String, std::process::ExitStatus)> {
+        self.masters
+            .iter_mut()
+            .chain(self.etcd.iter_mut())
+            .chain(self.agents.iter_mut())
+            .find_map(|p| p.child.try_wait().ok().flatten().map(|status| (p.name.clone(), status)))
+    }
+
     fn stop(&mut self) {
         // Agents first, with SIGUSR1: they kill their tasks before exiting.
         for p in &self.agents {
@@ -150,23 +159,32 @@ async fn start_etcd(root: &Path, base: u16, cluster: &mut Cluster) -> anyhow::Re
         root,
     )?);
     let health = format!("{client_url}/health");
-    wait_until("etcd answering /health", Duration::from_secs(15), async || {
+    wait_until("etcd answering /health", Duration::from_secs(15), cluster, root, async || {
         get_json(&health).await.is_ok_and(|v| v["health"] == "true")
     })
-    .await
-    .with_context(|| format!("see {}", root.join("etcd.log").display()))?;
+    .await?;
     Ok(format!("etcd://127.0.0.1:{client}"))
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+/// Polls `check` until it holds; fails early, naming its log, when one of the cluster's processes exits.
+async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    cluster: &mut Cluster,
+    root: &Path,
+    mut check: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if check().await {
             return Ok(());
         }
+        if let Some((name, status)) = cluster.dead() {
+            return Err(anyhow!("{name} exited ({status}); see {}", root.join(format!("{name}.log")).display()));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(anyhow!("{what} did not happen within {timeout:?}"))
+    Err(anyhow!("{what} did not happen within {timeout:?}; see the logs in {}", root.display()))
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
@@ -205,11 +223,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     }
     let masters = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     let state_url = format!("http://{master_addr}/state");
-    wait_until("a leading master", Duration::from_secs(20), async || {
+    wait_until("a leading master", Duration::from_secs(20), &mut cluster, &root, async || {
         get_json(&state_url).await.is_ok_and(|s| s["leader"].is_string())
     })
-    .await
-    .with_context(|| format!("see the master logs in {}", root.display()))?;
+    .await?;
     for i in 0..args.agents {
         let first_port = 31000 + u32::from(i) * 1000;
         let resources = format!("{};ports:[{}-{}]", args.agent_resources, first_port, first_port + 999);
@@ -231,11 +248,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     }
     let want = args.agents as usize;
     let cluster_masters = crate::client::Masters::parse(&masters).map_err(|e| anyhow!(e))?;
-    wait_until("all agents registering", Duration::from_secs(20), async || {
+    wait_until("all agents registering", Duration::from_secs(20), &mut cluster, &root, async || {
         cluster_masters.state().await.ok().and_then(|s| s["agents"].as_array().map(|a| a.len())) == Some(want)
     })
-    .await
-    .with_context(|| format!("see the agent logs in {}", root.display()))?;
+    .await?;
 
     if args.ha {
         println!("corral dev cluster is up: 3 masters electing a leader in etcd, {} agent(s)", args.agents);
@@ -260,9 +276,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
             _ = tokio::signal::ctrl_c() => break 0,
             _ = term.recv() => break 0,
             _ = ticker.tick() => {
-                let dead = cluster.masters.iter_mut().chain(cluster.etcd.iter_mut()).chain(cluster.agents.iter_mut())
-                    .find_map(|p| p.child.try_wait().ok().flatten().map(|st| (p.name.clone(), st)));
-                if let Some((name, status)) = dead {
+                if let Some((name, status)) = cluster.dead() {
                     eprintln!("{name} exited unexpectedly ({status}); see {}", root.join(format!("{name}.log")).display());
                     break 1;
                 }

@@ -243,9 +243,10 @@ impl Finder {
                 Some(REFUSED_PAUSE + jitter())
             }
             Attempt::Ended => {
+                // The session served: look for the (maybe new) leader at once, jitter aside.
                 self.unreachable.remove(addr);
                 self.backoff = FIRST_BACKOFF;
-                Some(self.backoff + jitter())
+                Some(jitter())
             }
             Attempt::Unreachable | Attempt::Failed => {
                 if attempt == Attempt::Unreachable {
@@ -384,7 +385,7 @@ mod tests {
             f.after("a:1", Attempt::Unreachable);
         }
         within(f.after("a:1", Attempt::Unreachable), 1000, 1100);
-        within(f.after("a:1", Attempt::Ended), 100, 200);
+        within(f.after("a:1", Attempt::Ended), 0, 100);
         within(f.after("a:1", Attempt::Unreachable), 100, 200);
     }
 

@@ -51,7 +51,9 @@ pub enum Action {
     Lead { key: Vec<u8>, rev: i64 },
     /// Stop leading now: drop every framework and agent stream, stop offering.
     StopLeading,
-    /// Resign the election (delete `key`) so a follower takes over without waiting for the lease.
+    /// Resign the election (delete `key`) so a follower takes over without waiting for the lease. Leadership must
+    /// be revoked first; the term's streams are dropped after (by StopLeading), so clients that reconnect find
+    /// followers already naming the new leader.
     Resign { key: Vec<u8> },
     /// Stop lease `id`'s keep-alives and campaign, and revoke it (best effort).
     Abandon { id: i64 },
@@ -190,8 +192,8 @@ impl Contender {
             Input::Shutdown => {
                 let mut actions = Vec::new();
                 if let State::Leading { key, .. } = &self.state {
-                    actions.push(Action::StopLeading);
                     actions.push(Action::Resign { key: key.clone() });
+                    actions.push(Action::StopLeading);
                 }
                 if let Some(id) = self.lease_id() {
                     actions.push(Action::Abandon { id });
@@ -387,8 +389,8 @@ mod tests {
         let t = Instant::now();
         let mut c = leading(t);
         assert_eq!(c.handle(Input::Shutdown), vec![
-            Action::StopLeading,
             Action::Resign { key: b"k7".to_vec() },
+            Action::StopLeading,
             Action::Abandon { id: 7 },
             Action::Exit
         ]);

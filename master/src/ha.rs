@@ -33,7 +33,7 @@ pub struct HaConfig {
 
 /// Longest a single etcd request (other than a campaign, which waits by design) may take.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause before retrying a failed grant or campaign, and between leader polls.
+/// Pause before retrying a failed grant, campaign or leader observation.
 const RETRY: Duration = Duration::from_millis(300);
 
 /// Contends for leadership until `stop` turns true; serves terms in between.
@@ -47,7 +47,7 @@ pub async fn contend(
     let client = ha.etcd.connect(Some(ETCD_TIMEOUT)).await?;
     let waiting_client = ha.etcd.connect(None).await?;
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel::<Input>();
-    let watcher = tokio::spawn(watch_leader(client.clone(), ha.etcd.clone(), inputs_tx.clone()));
+    let watcher = tokio::spawn(watch_leader(client.clone(), waiting_client.clone(), ha.etcd.clone(), inputs_tx.clone()));
     let (mut contender, mut actions) = Contender::new(&config.advertise);
     let mut lease_tasks: HashMap<i64, Vec<JoinHandle<()>>> = HashMap::new();
     let mut term: Option<(Term, Leadership)> = None;
@@ -97,7 +97,13 @@ pub async fn contend(
                         warn!("stopped leading");
                     }
                 }
-                Action::Resign { key } => resign(client.clone(), key).await,
+                Action::Resign { key } => {
+                    if let Some((_, leadership)) = &term {
+                        leadership.revoke();
+                        let _ = role.send(Role::Following { leader: None });
+                    }
+                    resign(client.clone(), key).await;
+                }
                 Action::Abandon { id } => {
                     for task in lease_tasks.remove(&id).unwrap_or_default() {
                         task.abort();
@@ -202,14 +208,34 @@ async fn resign(mut client: Client, key: Vec<u8>) {
     }
 }
 
-/// Polls who leads, so followers can name the leader in their redirects.
-async fn watch_leader(mut client: Client, spec: EtcdSpec, tx: mpsc::UnboundedSender<Input>) {
-    loop {
-        if let Ok(leader) = spec.leader(&mut client).await
-            && tx.send(Input::LeaderSeen(leader)).is_err()
-        {
-            return;
+/// Tells the contender who leads, so followers can name the leader in their refusals: etcd's Observe pushes each
+/// new leader at once; a poll every second also catches "nobody leads" and lost observe streams.
+async fn watch_leader(mut client: Client, mut waiting: Client, spec: EtcdSpec, tx: mpsc::UnboundedSender<Input>) {
+    let value = |r: etcd_client::LeaderResponse| r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string);
+    let observe = async {
+        loop {
+            if let Ok(mut stream) = waiting.observe(spec.election_name()).await {
+                while let Ok(Some(response)) = stream.message().await {
+                    if tx.send(Input::LeaderSeen(value(response))).is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(RETRY).await;
         }
-        tokio::time::sleep(RETRY).await;
+    };
+    let poll = async {
+        loop {
+            if let Ok(leader) = spec.leader(&mut client).await
+                && tx.send(Input::LeaderSeen(leader)).is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = observe => {}
+        _ = poll => {}
     }
 }

@@ -43,6 +43,17 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A port `p` on 127.0.0.1 such that `p + offset` is free too, for every offset (for tools that derive ports).
+pub fn free_port_with(offsets: &[u16]) -> u16 {
+    loop {
+        let port = free_port();
+        let free = |p: Option<u16>| p.is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if offsets.iter().all(|o| free(port.checked_add(*o))) {
+            return port;
+        }
+    }
+}
+
 /// A child process that is killed when dropped.
 pub struct Process {
     pub name: String,

@@ -602,14 +602,15 @@ async fn dev_up_ha_runs_etcd_and_three_masters_and_cleans_up_on_ctrl_c() {
 
 async fn dev_up_and_ctrl_c(ha: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let port = corral_tests::free_port();
+    // dev up derives ports: masters at +100 and +200, etcd at +300 and +301, agent i at agent-port + i.
+    let port = corral_tests::free_port_with(&[100, 200, 300, 301]);
     let cgroup_root = format!("corral-test-dev-{}-{ha}", std::process::id());
     let mut args = vec![
         "dev".into(),
         "up".into(),
         "--agents=2".into(),
         format!("--port={port}"),
-        format!("--agent-port={}", corral_tests::free_port()),
+        format!("--agent-port={}", corral_tests::free_port_with(&[1])),
         format!("--work-dir={}", dir.path().join("cluster").display()),
         format!("--cgroup-root={cgroup_root}"),
     ];
@@ -624,7 +625,16 @@ async fn dev_up_and_ctrl_c(ha: bool) {
     let master = masters.join(",");
     let deadline = Instant::now() + WAIT;
     loop {
-        assert!(Instant::now() < deadline, "dev up never printed its banner: {}", dev.log_tail());
+        if Instant::now() > deadline || dev.log_tail().contains("error") {
+            let logs: Vec<String> = std::fs::read_dir(dir.path().join("cluster"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| format!("--- {:?}\n{}", e.file_name(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+                .collect();
+            panic!("dev up never printed its banner: {}\n{}", dev.log_tail(), logs.join("\n"));
+        }
         if dev.log_tail().contains("cluster is up") {
             break;
         }
