@@ -67,7 +67,10 @@ pub trait Scheduler: Send {
     async fn status_update(&mut self, _driver: &Driver, _status: &v1::TaskStatus) {}
     /// The master reported an error about this framework (e.g. it was torn down).
     async fn error(&mut self, _driver: &Driver, _message: &str) {}
-    /// The connection to the master dropped; the driver is reconnecting.
+    /// The connection to the master dropped; the driver is reconnecting (to a new leader after a failover).
+    /// Offers received so far are void: the master that made them is gone or no longer leads. Tasks whose launch was
+    /// in flight may or may not have started; after `registered`, ask with [`Driver::reconcile`] (a master answers
+    /// for tasks on agents still re-registering only once they are back).
     async fn disconnected(&mut self, _driver: &Driver) {}
 }
 

@@ -87,7 +87,7 @@ async fn lead_alone(
 /// One leadership term: a master actor recovered from the registry.
 pub(crate) struct Term {
     tx: mpsc::UnboundedSender<master::Command>,
-    join: JoinHandle<master::Stopped>,
+    join: JoinHandle<()>,
 }
 
 impl Term {
@@ -106,8 +106,8 @@ impl Term {
     }
 
     /// Resolves when the actor stopped on its own (deposed).
-    pub(crate) async fn stopped(&mut self) -> master::Stopped {
-        (&mut self.join).await.unwrap_or(master::Stopped::Deposed)
+    pub(crate) async fn stopped(&mut self) {
+        let _ = (&mut self.join).await;
     }
 
     /// Ends the term: the actor drops every stream and stops.

@@ -197,15 +197,6 @@ pub struct Master {
     deposed: bool,
 }
 
-/// Why the actor stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
-    /// Every command sender is gone (the server is shutting down).
-    Shutdown,
-    /// Leadership lapsed or a fenced write failed: another master may lead now.
-    Deposed,
-}
-
 fn fail(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
@@ -377,22 +368,19 @@ impl Master {
         );
     }
 
-    /// Runs the actor until every command sender is gone, or until this master may no longer lead. Leadership is
-    /// checked before each command, so a master frozen past its lease (SIGSTOP, a long GC-like stall) acts on
-    /// nothing after it wakes; it drops every stream instead.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) -> Stopped {
+    /// Runs the actor until every command sender is gone, until [`Command::Stop`], or until this master may no
+    /// longer lead (its lease lapsed, or a registry write was fenced off). Leadership is checked before each
+    /// command, so a master frozen past its lease (SIGSTOP, a long stall) acts on nothing after it wakes: it drops
+    /// every stream instead.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { return Stopped::Shutdown };
+                    let Some(cmd) = cmd else { return };
                     if !self.may_lead() {
                         break;
-                    }
-                    if matches!(cmd, Command::Stop) {
-                        self.step_down();
-                        return Stopped::Shutdown;
                     }
                     self.handle(cmd).await;
                     // Drain what queued up meanwhile, then allocate once for the whole batch.
@@ -416,7 +404,6 @@ impl Master {
             self.allocate(Instant::now());
         }
         self.step_down();
-        Stopped::Deposed
     }
 
     fn may_lead(&self) -> bool {
@@ -471,6 +458,7 @@ impl Master {
             Command::State { reply } => {
                 let _ = reply.send(self.state_json());
             }
+            // Ends the term: the loop stops before the next step.
             Command::Stop => self.deposed = true,
         }
     }
