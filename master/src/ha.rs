@@ -51,6 +51,8 @@ pub async fn contend(
     let (mut contender, mut actions) = Contender::new(&config.advertise);
     let mut lease_tasks: HashMap<i64, Vec<JoinHandle<()>>> = HashMap::new();
     let mut term: Option<(Term, Leadership)> = None;
+    // Grant attempts since the last lease was granted (for logging etcd outages without flooding).
+    let mut grant_attempts = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(etcd = %ha.etcd, lease_ttl = ?ha.lease_ttl, "contending for leadership");
@@ -58,7 +60,8 @@ pub async fn contend(
         for action in std::mem::take(&mut actions) {
             match action {
                 Action::GrantLease => {
-                    tokio::spawn(grant(client.clone(), ha.lease_ttl, inputs_tx.clone()));
+                    tokio::spawn(grant(client.clone(), ha.lease_ttl, inputs_tx.clone(), grant_attempts));
+                    grant_attempts += 1;
                 }
                 Action::KeepAlive { id } => {
                     let task = tokio::spawn(keep_alive(client.clone(), id, ha.lease_ttl, inputs_tx.clone()));
@@ -142,16 +145,22 @@ pub async fn contend(
             }
             _ = stop.wait_for(|stop| *stop) => Input::Shutdown,
         };
+        if matches!(input, Input::Granted { .. }) {
+            grant_attempts = 0;
+        }
         actions = contender.handle(input);
     }
 }
 
-async fn grant(mut client: Client, ttl: Duration, tx: mpsc::UnboundedSender<Input>) {
+async fn grant(mut client: Client, ttl: Duration, tx: mpsc::UnboundedSender<Input>, attempt: u64) {
     let sent = Instant::now();
     let input = match client.lease_grant(ttl.as_secs().max(1) as i64, None).await {
         Ok(r) => Input::Granted { id: r.id(), ttl: Duration::from_secs(r.ttl().max(0) as u64), sent },
         Err(e) => {
-            debug!("lease grant failed: {e}");
+            // Once, then about every 10 s while etcd stays unreachable.
+            if attempt % 30 == 0 {
+                warn!("cannot get a lease from etcd, so this master cannot lead (retrying): {e}");
+            }
             tokio::time::sleep(RETRY).await;
             Input::GrantFailed
         }
