@@ -158,7 +158,7 @@ async fn grant(mut client: Client, ttl: Duration, tx: mpsc::UnboundedSender<Inpu
         Ok(r) => Input::Granted { id: r.id(), ttl: Duration::from_secs(r.ttl().max(0) as u64), sent },
         Err(e) => {
             // Once, then about every 10 s while etcd stays unreachable.
-            if attempt % 30 == 0 {
+            if attempt.is_multiple_of(30) {
                 warn!("cannot get a lease from etcd, so this master cannot lead (retrying): {e}");
             }
             tokio::time::sleep(RETRY).await;
