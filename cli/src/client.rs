@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use corral_discovery::Attempt;
+use corral_discovery::{Attempt, Leader};
 use serde_json::Value;
 
 /// Where the user said the masters are.
@@ -37,7 +37,10 @@ impl Masters {
             };
             match get_json(&format!("http://{addr}{path}")).await {
                 Ok(v) if v.get("is_leader") == Some(&Value::Bool(false)) => {
-                    let leader = v.get("leader").and_then(Value::as_str).map(str::to_string);
+                    let leader = v.get("leader").and_then(Value::as_str).map(|addr| Leader {
+                        addr: addr.to_string(),
+                        term: v.get("leader_term").and_then(Value::as_i64).unwrap_or(0),
+                    });
                     if finder.after(&addr, Attempt::Refused { leader }).is_some() {
                         errors.push(format!("{addr} is not the leader and knows of no live one"));
                     }

@@ -13,6 +13,18 @@ use std::time::{Duration, Instant};
 
 /// gRPC metadata key carrying the leader's `host:port` on a follower's refusal.
 pub const LEADER_METADATA: &str = "corral-leader";
+/// gRPC metadata key carrying the leader's term (see [`Leader::term`]) beside [`LEADER_METADATA`].
+pub const LEADER_TERM_METADATA: &str = "corral-leader-term";
+
+/// A leader as etcd names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Its advertised `host:port`.
+    pub addr: String,
+    /// The etcd revision that created its leader key: a new value for every term, even of the same master
+    /// (0: unknown).
+    pub term: i64,
+}
 /// Key prefix used when an `etcd://` spec names none.
 pub const DEFAULT_ETCD_PREFIX: &str = "/corral";
 
@@ -135,10 +147,10 @@ impl EtcdSpec {
         etcd_client::Client::connect(&self.endpoints, Some(options)).await
     }
 
-    /// The elected master's address, or `None` while no master leads.
-    pub async fn leader(&self, client: &mut etcd_client::Client) -> Result<Option<String>, etcd_client::Error> {
+    /// The elected master, or `None` while no master leads.
+    pub async fn leader(&self, client: &mut etcd_client::Client) -> Result<Option<Leader>, etcd_client::Error> {
         match client.leader(self.election_name()).await {
-            Ok(r) => Ok(r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string).filter(|v| !v.is_empty())),
+            Ok(r) => Ok(r.kv().and_then(leader_of)),
             // etcd answers "election: no leader" as an error.
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
             Err(e) => Err(e),
@@ -162,14 +174,18 @@ fn validate_prefix(prefix: &str) -> Result<String, String> {
     Ok(trimmed.to_string())
 }
 
+/// The leader an election key-value names (its value is the address, its creation revision the term).
+pub fn leader_of(kv: &etcd_client::KeyValue) -> Option<Leader> {
+    let addr = kv.value_str().ok().filter(|v| host_port(v).is_ok())?;
+    Some(Leader { addr: addr.to_string(), term: kv.create_revision() })
+}
+
 /// The leader a follower named when it refused a call.
-pub fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get(LEADER_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| host_port(v).is_ok())
-        .map(str::to_string)
+pub fn leader_hint(status: &tonic::Status) -> Option<Leader> {
+    let get = |key| status.metadata().get(key).and_then(|v| v.to_str().ok());
+    let addr = get(LEADER_METADATA).filter(|v| host_port(v).is_ok())?;
+    let term = get(LEADER_TERM_METADATA).and_then(|t| t.parse().ok()).unwrap_or(0);
+    Some(Leader { addr: addr.to_string(), term })
 }
 
 /// A gRPC endpoint for a master, tuned to notice a dead or frozen master within seconds: TCP connect timeout and
@@ -188,9 +204,10 @@ pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
 /// How long a client waits for a master to accept a connection and answer the first call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a master that could not be reached is passed over (while others remain) and its name ignored as a hint.
-/// During a failover, followers keep naming the dead leader until its lease expires; without this a client would
-/// bounce between a follower and the dead master.
+/// How long a master that could not be reached is passed over (while others remain), and hints naming it for the
+/// same term ignored. During a failover, followers keep naming the dead leader until its lease expires; without this
+/// a client would bounce between a follower and the dead master. A hint with another term (the master was restarted
+/// and won again) is followed.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// How an attempt to reach the leader through one master ended.
@@ -199,7 +216,7 @@ pub enum Attempt {
     /// No connection, or no answer in time.
     Unreachable,
     /// The master answered but would not serve us (a follower), naming `leader` if it knows one.
-    Refused { leader: Option<String> },
+    Refused { leader: Option<Leader> },
     /// A session was established, served, and has now ended.
     Ended,
     /// Anything else: etcd names no leader or cannot be asked, or a session ended before it served.
@@ -217,13 +234,24 @@ pub struct Finder {
     next: usize,
     hint: Option<String>,
     etcd: Option<etcd_client::Client>,
-    unreachable: HashMap<String, Instant>,
+    /// When each master was last unreachable, and the term it was followed for then (0: none).
+    unreachable: HashMap<String, (Instant, i64)>,
+    /// The term each master was last followed for.
+    followed: HashMap<String, i64>,
     backoff: Duration,
 }
 
 impl Finder {
     pub fn new(masters: Masters) -> Finder {
-        Finder { masters, next: 0, hint: None, etcd: None, unreachable: HashMap::new(), backoff: FIRST_BACKOFF }
+        Finder {
+            masters,
+            next: 0,
+            hint: None,
+            etcd: None,
+            unreachable: HashMap::new(),
+            followed: HashMap::new(),
+            backoff: FIRST_BACKOFF,
+        }
     }
 
     /// Records how the attempt through `addr` ended; returns how long to wait before the next one (None: at once).
@@ -237,7 +265,7 @@ impl Finder {
         match attempt {
             Attempt::Refused { leader } => {
                 self.unreachable.remove(addr);
-                if leader.is_some_and(|leader| self.follow(addr, &leader)) {
+                if leader.is_some_and(|leader| self.follow(addr, leader)) {
                     return None;
                 }
                 Some(REFUSED_PAUSE + jitter())
@@ -250,7 +278,8 @@ impl Finder {
             }
             Attempt::Unreachable | Attempt::Failed => {
                 if attempt == Attempt::Unreachable {
-                    self.unreachable.insert(addr.to_string(), Instant::now());
+                    let term = self.followed.get(addr).copied().unwrap_or(0);
+                    self.unreachable.insert(addr.to_string(), (Instant::now(), term));
                 }
                 let pause = self.backoff + jitter();
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -260,7 +289,7 @@ impl Finder {
     }
 
     fn suspect(&self, addr: &str) -> bool {
-        self.unreachable.get(addr).is_some_and(|t| t.elapsed() < SUSPECT_FOR)
+        self.unreachable.get(addr).is_some_and(|(t, _)| t.elapsed() < SUSPECT_FOR)
     }
 
     pub fn masters(&self) -> &Masters {
@@ -268,12 +297,17 @@ impl Finder {
     }
 
     /// Remembers the leader a master at `from` named; it is tried next. A master naming itself (it just failed
-    /// us) or one recently unreachable is not followed, so a stale hint cannot make a client spin.
-    fn follow(&mut self, from: &str, leader: &str) -> bool {
-        if leader == from || self.suspect(leader) {
+    /// us), or one unreachable lately when we followed it for this same term, is not followed, so a stale hint
+    /// cannot make a client spin.
+    fn follow(&mut self, from: &str, leader: Leader) -> bool {
+        let stale = self.unreachable.get(&leader.addr).is_some_and(|(t, term)| {
+            t.elapsed() < SUSPECT_FOR && (*term == leader.term || leader.term == 0)
+        });
+        if leader.addr == from || stale {
             return false;
         }
-        self.hint = Some(leader.to_string());
+        self.followed.insert(leader.addr.clone(), leader.term);
+        self.hint = Some(leader.addr);
         true
     }
 
@@ -298,7 +332,10 @@ impl Finder {
                 }
                 let client = self.etcd.as_mut().expect("connected above");
                 match spec.leader(client).await {
-                    Ok(Some(leader)) => Ok(leader),
+                    Ok(Some(leader)) => {
+                        self.followed.insert(leader.addr.clone(), leader.term);
+                        Ok(leader.addr)
+                    }
                     Ok(None) => Err(format!("no master leads in {spec} yet")),
                     Err(e) => Err(format!("cannot ask {spec} for the leader: {e}")),
                 }
@@ -338,7 +375,11 @@ mod tests {
     }
 
     fn refused(leader: &str) -> Attempt {
-        Attempt::Refused { leader: Some(leader.to_string()) }
+        refused_term(leader, 7)
+    }
+
+    fn refused_term(leader: &str, term: i64) -> Attempt {
+        Attempt::Refused { leader: Some(Leader { addr: leader.to_string(), term }) }
     }
 
     #[tokio::test]
@@ -356,6 +397,8 @@ mod tests {
     #[tokio::test]
     async fn unreachable_masters_are_passed_over_and_not_followed() {
         let mut f = Finder::new(Masters::parse("a:1,b:1,c:1").unwrap());
+        assert_eq!(f.after("c:1", refused("a:1")), None);
+        assert_eq!(f.next().await.unwrap(), "a:1");
         assert!(f.after("a:1", Attempt::Unreachable).is_some());
         assert!(f.after("b:1", refused("a:1")).is_some(), "a dead leader named by a follower is not followed");
         assert_eq!(f.next().await.unwrap(), "b:1");
@@ -368,6 +411,18 @@ mod tests {
             f.after(m, Attempt::Unreachable);
         }
         assert_eq!(f.next().await.unwrap(), "b:1", "all unreachable: still try them in turn");
+    }
+
+    #[tokio::test]
+    async fn a_new_term_of_an_unreachable_master_is_followed() {
+        let mut f = Finder::new(Masters::parse("a:1,b:1").unwrap());
+        assert_eq!(f.after("b:1", refused_term("a:1", 7)), None);
+        assert_eq!(f.next().await.unwrap(), "a:1");
+        f.after("a:1", Attempt::Unreachable);
+        assert!(f.after("b:1", refused_term("a:1", 7)).is_some(), "the dead term is not followed again");
+        assert!(f.after("b:1", refused_term("a:1", 0)).is_some(), "nor a hint without a term");
+        assert_eq!(f.after("b:1", refused_term("a:1", 9)), None, "a:1 restarted and leads a new term");
+        assert_eq!(f.next().await.unwrap(), "a:1");
     }
 
     #[test]
@@ -394,7 +449,9 @@ mod tests {
         let mut s = tonic::Status::unavailable("not the leader");
         assert_eq!(leader_hint(&s), None);
         s.metadata_mut().insert(LEADER_METADATA, "m2:5050".parse().unwrap());
-        assert_eq!(leader_hint(&s).as_deref(), Some("m2:5050"));
+        assert_eq!(leader_hint(&s), Some(Leader { addr: "m2:5050".into(), term: 0 }));
+        s.metadata_mut().insert(LEADER_TERM_METADATA, "42".parse().unwrap());
+        assert_eq!(leader_hint(&s), Some(Leader { addr: "m2:5050".into(), term: 42 }));
         s.metadata_mut().insert(LEADER_METADATA, "garbage".parse().unwrap());
         assert_eq!(leader_hint(&s), None);
     }

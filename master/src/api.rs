@@ -15,7 +15,7 @@ use axum::extract::{Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response as HttpResponse};
-use corral_discovery::LEADER_METADATA;
+use corral_discovery::{LEADER_METADATA, LEADER_TERM_METADATA, Leader};
 use corral_proto::v1::{self, agent_service_server, scheduler_server};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -58,8 +58,8 @@ impl MasterHandle {
 #[derive(Clone)]
 pub enum Role {
     Leading(MasterHandle),
-    /// Following the leader at this address (None: none known yet).
-    Following { leader: Option<String> },
+    /// Following this leader (None: none known yet).
+    Following { leader: Option<Leader> },
 }
 
 /// What the network edges share: the current role and this master's own facts.
@@ -80,14 +80,14 @@ impl Frontend {
     fn leader(&self) -> Result<MasterHandle, Status> {
         match &*self.role.borrow() {
             Role::Leading(handle) => Ok(handle.clone()),
-            Role::Following { leader } => Err(not_leader(leader.as_deref())),
+            Role::Following { leader } => Err(not_leader(leader.as_ref())),
         }
     }
 
     fn leader_address(&self) -> Option<String> {
         match &*self.role.borrow() {
             Role::Leading(_) => Some(self.advertise.clone()),
-            Role::Following { leader } => leader.clone(),
+            Role::Following { leader } => leader.as_ref().map(|l| l.addr.clone()),
         }
     }
 
@@ -96,15 +96,17 @@ impl Frontend {
     }
 }
 
-/// A follower's refusal: UNAVAILABLE, with the leader's address in the message and in `corral-leader` metadata.
-pub fn not_leader(leader: Option<&str>) -> Status {
+/// A follower's refusal: UNAVAILABLE, with the leader's address in the message and in `corral-leader` metadata
+/// (its term in `corral-leader-term`).
+pub fn not_leader(leader: Option<&Leader>) -> Status {
     let Some(leader) = leader else {
         return Status::unavailable("this master is not the leader, and no leader is elected right now");
     };
-    let mut status = Status::unavailable(format!("this master is not the leader; the leader is {leader}"));
-    if let Ok(value) = leader.parse() {
+    let mut status = Status::unavailable(format!("this master is not the leader; the leader is {}", leader.addr));
+    if let Ok(value) = leader.addr.parse() {
         status.metadata_mut().insert(LEADER_METADATA, value);
     }
+    status.metadata_mut().insert(LEADER_TERM_METADATA, leader.term.into());
     status
 }
 
@@ -257,10 +259,15 @@ async fn state(State(frontend): State<Frontend>) -> HttpResponse {
     {
         return Json(state).into_response();
     }
+    let term = match &*frontend.role.borrow() {
+        Role::Following { leader: Some(leader) } => Some(leader.term),
+        _ => None,
+    };
     Json(serde_json::json!({
         "version": corral_proto::VERSION,
         "address": frontend.advertise,
         "leader": frontend.leader_address(),
+        "leader_term": term,
         "is_leader": false,
         "start_time": frontend.start_time,
     }))

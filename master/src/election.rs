@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use corral_discovery::Leader;
+
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -29,7 +31,7 @@ pub enum Input {
     /// The campaign failed (etcd unreachable or the lease vanished); campaign again while the lease lives.
     CampaignFailed { id: i64 },
     /// etcd names this leader (None: nobody leads).
-    LeaderSeen(Option<String>),
+    LeaderSeen(Option<Leader>),
     /// The leading master's registry write was refused by the fencing compare, or its actor stopped.
     Deposed,
     /// Time passes.
@@ -58,7 +60,7 @@ pub enum Action {
     /// Stop lease `id`'s keep-alives and campaign, and revoke it (best effort).
     Abandon { id: i64 },
     /// Tell clients who leads (None: unknown).
-    Follow { leader: Option<String> },
+    Follow { leader: Option<Leader> },
     /// Shut down.
     Exit,
 }
@@ -81,7 +83,7 @@ pub struct Contender {
     state: State,
     /// The instant until which the current lease is known to be alive.
     valid_until: Option<Instant>,
-    leader: Option<String>,
+    leader: Option<Leader>,
     me: String,
 }
 
@@ -110,7 +112,7 @@ impl Contender {
     }
 
     /// Gives up the current lease (and leadership) and asks for a new one.
-    fn lose_lease(&mut self, why_leader: Option<String>) -> Vec<Action> {
+    fn lose_lease(&mut self, why_leader: Option<Leader>) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.is_leading() {
             actions.push(Action::StopLeading);
@@ -162,7 +164,7 @@ impl Contender {
                     return Vec::new();
                 }
                 self.state = State::Leading { id, key: key.clone() };
-                self.leader = Some(self.me.clone());
+                self.leader = Some(Leader { addr: self.me.clone(), term: rev });
                 vec![Action::Lead { key, rev }]
             }
             Input::CampaignFailed { id } => match self.state {
@@ -174,7 +176,7 @@ impl Contender {
                     return Vec::new();
                 }
                 // Our own address while not leading is a key of ours from an earlier term, about to expire.
-                let leader = leader.filter(|l| *l != self.me);
+                let leader = leader.filter(|l| l.addr != self.me);
                 self.leader = leader.clone();
                 vec![Action::Follow { leader }]
             }
@@ -372,16 +374,21 @@ mod tests {
         assert_eq!(granted(&mut c, 9, t + TTL), vec![Action::Abandon { id: 9 }]);
     }
 
+    fn seen(addr: &str, term: i64) -> Input {
+        Input::LeaderSeen(Some(Leader { addr: addr.into(), term }))
+    }
+
     #[test]
     fn followers_publish_the_leader_they_see_but_never_themselves() {
         let (mut c, _) = Contender::new("m1:5050");
-        assert_eq!(c.handle(Input::LeaderSeen(Some("m2:5050".into()))), vec![Action::Follow {
-            leader: Some("m2:5050".into())
-        }]);
-        assert_eq!(c.handle(Input::LeaderSeen(Some("m2:5050".into()))), vec![], "no change, no action");
-        assert_eq!(c.handle(Input::LeaderSeen(Some("m1:5050".into()))), vec![Action::Follow { leader: None }]);
+        let m2 = Leader { addr: "m2:5050".into(), term: 4 };
+        assert_eq!(c.handle(seen("m2:5050", 4)), vec![Action::Follow { leader: Some(m2) }]);
+        assert_eq!(c.handle(seen("m2:5050", 4)), vec![], "no change, no action");
+        let again = Leader { addr: "m2:5050".into(), term: 9 };
+        assert_eq!(c.handle(seen("m2:5050", 9)), vec![Action::Follow { leader: Some(again) }], "a new term");
+        assert_eq!(c.handle(seen("m1:5050", 3)), vec![Action::Follow { leader: None }]);
         let mut c = leading(Instant::now());
-        assert_eq!(c.handle(Input::LeaderSeen(Some("m2:5050".into()))), vec![], "a leader trusts its own lease");
+        assert_eq!(c.handle(seen("m2:5050", 4)), vec![], "a leader trusts its own lease");
     }
 
     #[test]

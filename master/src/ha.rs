@@ -220,12 +220,11 @@ async fn resign(mut client: Client, key: Vec<u8>) {
 /// Tells the contender who leads, so followers can name the leader in their refusals: etcd's Observe pushes each
 /// new leader at once; a poll every second also catches "nobody leads" and lost observe streams.
 async fn watch_leader(mut client: Client, mut waiting: Client, spec: EtcdSpec, tx: mpsc::UnboundedSender<Input>) {
-    let value = |r: etcd_client::LeaderResponse| r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string);
     let observe = async {
         loop {
             if let Ok(mut stream) = waiting.observe(spec.election_name()).await {
                 while let Ok(Some(response)) = stream.message().await {
-                    if tx.send(Input::LeaderSeen(value(response))).is_err() {
+                    if tx.send(Input::LeaderSeen(response.kv().and_then(corral_discovery::leader_of))).is_err() {
                         return;
                     }
                 }

@@ -73,7 +73,8 @@ impl Process {
         let child = Command::new(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
+            // CORRAL_TEST_LOG (e.g. "debug") raises the log level of every process a test starts.
+            .env("RUST_LOG", std::env::var("CORRAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)

@@ -52,7 +52,9 @@ async fn three_masters_elect_one_leader_and_followers_point_to_it() {
     // gRPC on a follower: UNAVAILABLE with the leader in `corral-leader`.
     let refused = raw_subscribe(&cluster.addr(follower), "direct").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
-    assert_eq!(corral_discovery::leader_hint(&refused).as_deref(), Some(leader_addr.as_str()));
+    let hint = corral_discovery::leader_hint(&refused).expect("a leader hint");
+    assert_eq!(hint.addr, leader_addr);
+    assert!(hint.term > 0, "the hint carries the leader's term: {hint:?}");
     assert!(refused.message().contains(&leader_addr), "{}", refused.message());
 
     // The SDK, given only a follower, or only etcd, ends up subscribed with the leader, and can launch.
@@ -272,7 +274,7 @@ async fn a_deposed_leader_stops_offering_and_cannot_write() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refused = raw_subscribe(&old_addr, "c").await.unwrap_err();
-    assert_eq!(corral_discovery::leader_hint(&refused), Some(cluster.addr(new)));
+    assert_eq!(corral_discovery::leader_hint(&refused).map(|l| l.addr), Some(cluster.addr(new)));
     let registry = cluster.etcd.keys("/corral/registry/frameworks/").await;
     assert_eq!(registry.len(), 2, "A and B only: {registry:?}");
     // B still works with the new leader.
