@@ -4,7 +4,7 @@
 //! * `allocator` — the pure allocator in-process: a full cycle with every agent free, the cycles of the
 //!   "every framework declines with a filter" shape (Mesos' DeclineOffers benchmark), and one incremental event;
 //! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches,
-//!   with cgroups and without in one run;
+//!   and the sustained launch rate, with cgroups and without in one run, beside the machine's raw spawn rate;
 //! * `cgroups` — creating and removing one task's cgroups on this host;
 //! * `failover` — a real etcd, three masters, agents and a framework: the leader is SIGKILLed (then, separately,
 //!   SIGTERMed, so it resigns) again and again; time until a new leader is elected, until it sends the framework
@@ -41,9 +41,10 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         roles: usize,
     },
-    /// accept → RUNNING latency with real processes, with cgroups and without.
+    /// accept → RUNNING latency and sustained launch rate with real processes, with cgroups and without, beside
+    /// the machine's raw spawn rate.
     Launch {
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 500)]
         count: usize,
     },
     /// Per-task cgroup setup and teardown on this host's hierarchy (needs root).
@@ -181,13 +182,76 @@ async fn launch(count: usize, isolation: &'static str) -> anyhow::Result<Vec<Row
     ])
 }
 
-/// Launch latency with cgroups and without, measured in one run, and the ratio of their medians.
+/// Launches `count` `/bin/true` tasks as fast as offers allow (every offer filled with as many tasks as fit, all
+/// outstanding at once) and returns finished tasks per second, from the first ACCEPT to the last FINISHED.
+async fn sustained(count: usize, isolation: &'static str) -> anyhow::Result<f64> {
+    use corral_sdk::{OfferPool, TaskBuilder};
+    use corral_tests::{Cluster, ClusterSpec, FrameworkEvent, TestFramework};
+    let mut spec = ClusterSpec { agent_resources: "cpus:8;mem:8192;disk:1024".into(), ..ClusterSpec::default() };
+    spec.agent_args.push(format!("--isolation={isolation}"));
+    let cluster = Cluster::start(spec).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("bench", "*", 60.0)).await;
+    let need = Resources::parse("cpus:0.01;mem:1").context("resources")?;
+    let (mut launched, mut finished) = (0, 0);
+    let mut started = None;
+    while finished < count {
+        match fw.next(Duration::from_secs(30)).await.context("no event for 30 s")? {
+            FrameworkEvent::Offers(offers) => {
+                for offer in offers {
+                    let mut pool = OfferPool::new(&offer)?;
+                    let mut tasks = Vec::new();
+                    while launched < count
+                        && let Some(res) = pool.take(&need, 0)
+                    {
+                        tasks.push(TaskBuilder::new(format!("s{launched}")).exec("/bin/true", Vec::new()).resources(&res).build());
+                        launched += 1;
+                    }
+                    started.get_or_insert_with(Instant::now);
+                    fw.driver.launch_with(&offer, tasks, Some(0.0)).await?;
+                }
+            }
+            FrameworkEvent::Update(s) if corral_sdk::is_terminal(&s) => finished += 1,
+            _ => {}
+        }
+    }
+    Ok(count as f64 / started.map_or(1.0, |t| t.elapsed().as_secs_f64()))
+}
+
+/// This machine's raw process spawn rate: `/bin/true` spawned and reaped, one loop per core, no corral involved.
+fn raw_spawn_rate(count: usize) -> anyhow::Result<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                for _ in 0..count / threads {
+                    std::process::Command::new("/bin/true").status()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("spawn thread panicked"))??;
+    }
+    Ok((count / threads * threads) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Launch latency and sustained launch rate with cgroups and without, measured in one run, with their ratios and
+/// the machine's raw spawn rate measured alongside.
 async fn launch_both(count: usize) -> anyhow::Result<Vec<Row>> {
     let mut rows = launch(count, "cgroups").await?;
     rows.extend(launch(count, "none").await?);
     let p50 = |tag: &str| rows.iter().find(|r| r.metric.starts_with(tag) && r.metric.contains("p50")).map(|r| r.value).unwrap_or(0.0);
     let ratio = p50("[cgroups]") / p50("[none]").max(1e-9);
     rows.push(Row { scenario: "launch", metric: "p50 with cgroups / p50 without".into(), value: ratio, unit: "x" });
+    let raw = raw_spawn_rate(count.max(100))?;
+    rows.push(Row { scenario: "launch", metric: "raw spawn rate of this machine (/bin/true, one loop per core)".into(), value: raw, unit: "spawns/s" });
+    for isolation in ["cgroups", "none"] {
+        let rate = sustained(count, isolation).await?;
+        rows.push(Row { scenario: "launch", metric: format!("[{isolation}] sustained launches, {count} tasks finished"), value: rate, unit: "tasks/s" });
+        rows.push(Row { scenario: "launch", metric: format!("[{isolation}] sustained launch rate / raw spawn rate"), value: rate / raw.max(1e-9), unit: "x" });
+    }
     Ok(rows)
 }
 
@@ -289,7 +353,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::All => {
             rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
-            rows.extend(launch_both(if cli.smoke { 5 } else { 200 }).await?);
+            rows.extend(launch_both(if cli.smoke { 5 } else { 500 }).await?);
             rows.extend(cgroups(if cli.smoke { 5 } else { 200 })?);
             rows.extend(failover(if cli.smoke { 1 } else { 10 }, 2, 3).await?);
         }

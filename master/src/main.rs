@@ -20,7 +20,8 @@ struct Args {
     /// Port for gRPC and HTTP (both on one port).
     #[arg(long, env = "CORRAL_PORT", default_value_t = 5050)]
     port: u16,
-    /// Host name or IP other components use to reach this master (default: the listen IP, or 127.0.0.1).
+    /// Host name or IP other components use to reach this master; followers send clients here when it leads
+    /// (default: the listen IP, or this host's name when listening on all addresses).
     #[arg(long, env = "CORRAL_ADVERTISE_IP")]
     advertise_ip: Option<String>,
     /// Directory for the master's own files (the default file registry lives here).
@@ -112,7 +113,11 @@ async fn main() -> anyhow::Result<()> {
         Backend::Alone(registry::open(&spec).context("--registry")?)
     };
     let advertise_host = args.advertise_ip.clone().unwrap_or_else(|| {
-        if args.ip.is_unspecified() { "127.0.0.1".to_string() } else { args.ip.to_string() }
+        if args.ip.is_unspecified() {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        } else {
+            args.ip.to_string()
+        }
     });
     let config = MasterConfig {
         advertise: format!("{advertise_host}:{}", args.port),
