@@ -378,6 +378,15 @@ pub fn drain_agents(agents: &mut Vec<Option<Process>>) {
     agents.clear();
 }
 
+/// Removes a cgroup root (in every hierarchy) when dropped, also when a test fails half-way.
+pub struct CgroupGuard(pub String);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        remove_cgroups(&self.0);
+    }
+}
+
 /// Where this machine's cgroup hierarchies are: each v1 controller mount, or the unified v2 mount.
 pub fn cgroup_mounts() -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");

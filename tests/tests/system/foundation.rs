@@ -605,6 +605,7 @@ async fn dev_up_and_ctrl_c(ha: bool) {
     // dev up derives ports: masters at +100 and +200, etcd at +300 and +301, agent i at agent-port + i.
     let port = corral_tests::free_port_with(&[100, 200, 300, 301]);
     let cgroup_root = format!("corral-test-dev-{}-{ha}", std::process::id());
+    let _cleanup = corral_tests::CgroupGuard(cgroup_root.clone());
     let mut args = vec![
         "dev".into(),
         "up".into(),
@@ -684,7 +685,6 @@ async fn dev_up_and_ctrl_c(ha: bool) {
         let children: Vec<_> = std::fs::read_dir(&root).map(|d| d.flatten().filter(|e| e.path().is_dir()).collect()).unwrap_or_default();
         assert!(children.is_empty(), "cgroups left in {}: {children:?}", root.display());
     }
-    corral_tests::remove_cgroups(&cgroup_root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
