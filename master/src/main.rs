@@ -40,7 +40,8 @@ struct Args {
     /// An agent silent this long is marked UNREACHABLE (e.g. 15s, 500ms).
     #[arg(long, env = "CORRAL_AGENT_PING_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     agent_ping_timeout: Duration,
-    /// After a restart, how long agents from the registry have to re-register.
+    /// After a restart or failover, how long agents from the registry have to re-register before they are marked
+    /// unreachable.
     #[arg(long, env = "CORRAL_AGENT_REREGISTER_TIMEOUT", default_value = "2min", value_parser = humantime::parse_duration)]
     agent_reregister_timeout: Duration,
     /// Rescind offers not answered within this time ("0s" never rescinds).
