@@ -159,13 +159,7 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.ip, args.port))?;
     let port = listener.local_addr()?.port();
-    let hostname = args.hostname.clone().unwrap_or_else(|| {
-        if args.ip.is_unspecified() {
-            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
-        } else {
-            args.ip.to_string()
-        }
-    });
+    let hostname = args.hostname.clone().unwrap_or_else(|| corral_proto::config::default_advertised_host(args.ip));
     let config = AgentConfig {
         masters: masters.clone(),
         hostname,

@@ -113,13 +113,8 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Backend::Alone(registry::open(&spec).context("--registry")?)
     };
-    let advertise_host = args.advertise_ip.clone().unwrap_or_else(|| {
-        if args.ip.is_unspecified() {
-            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
-        } else {
-            args.ip.to_string()
-        }
-    });
+    let advertise_host =
+        args.advertise_ip.clone().unwrap_or_else(|| corral_proto::config::default_advertised_host(args.ip));
     let config = MasterConfig {
         advertise: format!("{advertise_host}:{}", args.port),
         agent_ping_timeout: args.agent_ping_timeout,

@@ -58,8 +58,28 @@ pub fn expand_process_args(known: &[String]) -> Vec<OsString> {
     })
 }
 
+/// The host name other components reach a daemon at when none is configured: the listen IP, or this host's name
+/// when the daemon listens on all addresses.
+pub fn default_advertised_host(ip: std::net::IpAddr) -> String {
+    if !ip.is_unspecified() {
+        return ip.to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_advertised_host_is_the_listen_ip_or_the_host_name() {
+        assert_eq!(default_advertised_host("10.1.2.3".parse().unwrap()), "10.1.2.3");
+        let name = default_advertised_host("0.0.0.0".parse().unwrap());
+        assert!(!name.is_empty() && name != "0.0.0.0", "{name}");
+    }
+
     use super::*;
 
     fn known() -> Vec<String> {
