@@ -9,12 +9,17 @@
 //! * `failover` — a real etcd, three masters, agents and a framework: the leader is SIGKILLed (then, separately,
 //!   SIGTERMed, so it resigns) again and again; time until a new leader is elected, until it sends the framework
 //!   offers, and until every agent has re-registered;
+//! * `placement` — a real master, simulated agents in a separate process (`sim-agents`: real gRPC sessions that
+//!   answer each launch with TASK_RUNNING at once, no processes), SDK frameworks placing long-running tasks: tasks/s
+//!   end to end, offers/s, status updates/s, and the master's RSS per agent and per task;
 //! * `all` — every scenario; `--smoke` runs each at a tiny size (for CI, so the bench never rots).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod sim;
 use nix::sys::signal::Signal;
 use corral_master::allocator::{Allocator, AllocatorConfig};
 use corral_proto::{AgentId, FrameworkId, Resources};
@@ -62,6 +67,25 @@ enum Scenario {
         lease_ttl: u64,
         #[arg(long, default_value_t = 3)]
         agents: usize,
+    },
+    /// Placement throughput against simulated agents, and the master's memory per agent and per task.
+    Placement {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 10)]
+        frameworks: usize,
+    },
+    /// (Internal) run simulated agents against a master until killed; used by `placement`.
+    #[command(hide = true)]
+    SimAgents {
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "cpus:64;mem:262144;disk:1000000")]
+        resources: String,
     },
     /// Every scenario at its default size.
     All,
@@ -284,6 +308,101 @@ fn cgroups(count: usize) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
+/// The resident set of a process, in KiB.
+fn rss_kib(pid: i32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+/// Places `tasks` long-running tasks with `frameworks` frameworks on `agents` simulated agents.
+async fn placement(agents: usize, tasks: usize, frameworks: usize) -> anyhow::Result<Vec<Row>> {
+    use corral_sdk::{OfferPool, TaskBuilder};
+    use corral_tests::{Cluster, ClusterSpec, FrameworkEvent, Process, TestFramework};
+    let spec = ClusterSpec {
+        agents: 0,
+        master_args: vec!["--agent-ping-timeout=120s".into(), "--offer-timeout=0s".into()],
+        ..ClusterSpec::default()
+    };
+    let cluster = Cluster::start(spec).await;
+    let master_pid = cluster.master.as_ref().context("master")?.pid().as_raw();
+    let rss_empty = rss_kib(master_pid)?;
+    let args = ["sim-agents".to_string(), format!("--master={}", cluster.master_addr()), format!("--count={agents}")];
+    let _sim = Process::spawn("sim-agents", &std::env::current_exe()?, &args, cluster.dir.path());
+    let registering = Instant::now();
+    loop {
+        let state = cluster.state().await;
+        if state["agents"].as_array().map_or(0, Vec::len) == agents {
+            break;
+        }
+        anyhow::ensure!(registering.elapsed() < Duration::from_secs(600), "agents did not register within 10 min");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let registered = registering.elapsed();
+    let rss_agents = rss_kib(master_pid)?;
+
+    let need = Resources::parse("cpus:0.01;mem:1").context("resources")?;
+    let per_framework = tasks.div_ceil(frameworks);
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for f in 0..frameworks {
+        let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info(&format!("place-{f}"), "*", 600.0)).await;
+        let need = need.clone();
+        runs.push(tokio::spawn(async move {
+            let (mut launched, mut running, mut offers, mut updates) = (0usize, 0usize, 0usize, 0usize);
+            while running < per_framework {
+                match fw.next(Duration::from_secs(60)).await.context("no event for 60 s")? {
+                    FrameworkEvent::Offers(batch) => {
+                        for offer in batch {
+                            offers += 1;
+                            let mut pool = OfferPool::new(&offer)?;
+                            let mut tasks = Vec::new();
+                            // A few hundred tasks per offer: enough to keep every agent busy, small enough for one message.
+                            while launched < per_framework && tasks.len() < 200
+                                && let Some(res) = pool.take(&need, 0)
+                            {
+                                tasks.push(TaskBuilder::new(format!("f{f}-t{launched}")).shell("sleep 1000000").resources(&res).build());
+                                launched += 1;
+                            }
+                            if tasks.is_empty() {
+                                fw.driver.decline([&offer.id], Some(600.0)).await?;
+                            } else {
+                                fw.driver.launch_with(&offer, tasks, Some(0.0)).await?;
+                            }
+                        }
+                    }
+                    FrameworkEvent::Update(s) => {
+                        updates += 1;
+                        if s.state == corral_sdk::TaskState::TaskRunning as i32 {
+                            running += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            anyhow::Ok((offers, updates))
+        }));
+    }
+    let (mut offers, mut updates) = (0, 0);
+    for r in runs {
+        let (o, u) = r.await??;
+        offers += o;
+        updates += u;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss_tasks = rss_kib(master_pid)?;
+    let total = per_framework * frameworks;
+    let label = format!("{agents} simulated agents, {total} tasks, {frameworks} frameworks");
+    Ok(vec![
+        Row { scenario: "placement", metric: format!("agents registered ({agents})"), value: registered.as_secs_f64(), unit: "s" },
+        Row { scenario: "placement", metric: format!("tasks placed to RUNNING ({label})"), value: total as f64 / elapsed, unit: "tasks/s" },
+        Row { scenario: "placement", metric: "offers received by frameworks".into(), value: offers as f64 / elapsed, unit: "offers/s" },
+        Row { scenario: "placement", metric: "status updates received by frameworks".into(), value: updates as f64 / elapsed, unit: "updates/s" },
+        Row { scenario: "placement", metric: "master RSS per agent".into(), value: (rss_agents - rss_empty) / agents.max(1) as f64, unit: "KiB" },
+        Row { scenario: "placement", metric: "master RSS per task".into(), value: (rss_tasks - rss_agents) / total.max(1) as f64, unit: "KiB" },
+    ])
+}
+
 /// Kills (SIGKILL) or stops (SIGTERM) the leader `count` times each and times the takeover.
 async fn failover(count: usize, lease_ttl: u64, agents: usize) -> anyhow::Result<Vec<Row>> {
     use corral_tests::ha::{HaCluster, registered_agents};
@@ -348,6 +467,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Launch { count } => rows.extend(launch_both(if cli.smoke { 5 } else { count }).await?),
         Scenario::Cgroups { count } => rows.extend(cgroups(if cli.smoke { 5 } else { count })?),
+        Scenario::Placement { agents, tasks, frameworks } => rows.extend(if cli.smoke {
+            placement(20, 2000, 2).await?
+        } else {
+            placement(agents, tasks, frameworks).await?
+        }),
+        Scenario::SimAgents { master, count, resources } => return sim::run(&master, count, &resources).await,
         Scenario::Failover { count, lease_ttl, agents } => {
             rows.extend(failover(if cli.smoke { 1 } else { count }, lease_ttl, agents).await?)
         }
@@ -355,6 +480,9 @@ async fn main() -> anyhow::Result<()> {
             rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
             rows.extend(launch_both(if cli.smoke { 5 } else { 500 }).await?);
             rows.extend(cgroups(if cli.smoke { 5 } else { 200 })?);
+            // The issue-size placement (10,000 agents, 1,000,000 tasks) is `placement` on its own: agent
+            // registration rewrites the whole file registry each time, which does not scale there yet.
+            rows.extend(if cli.smoke { placement(20, 2000, 2).await? } else { placement(1000, 100_000, 10).await? });
             rows.extend(failover(if cli.smoke { 1 } else { 10 }, 2, 3).await?);
         }
     }
