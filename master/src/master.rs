@@ -8,7 +8,7 @@
 //! * every unary scheduler call must name the framework's current stream (a stale or foreign caller is refused);
 //! * a framework can only launch on its own outstanding offers, within the offered resources, and can only kill,
 //!   acknowledge or reconcile its own tasks;
-//! * status updates are applied once per uuid but forwarded on every retry; acknowledgements are relayed to the
+//! * status updates are applied once per uuid (a repeat of the latest) but forwarded on every retry; acknowledgements are relayed to the
 //!   agent that owns the update; updates for frameworks that no longer exist are acknowledged by the master so
 //!   agents stop retrying them.
 
@@ -149,7 +149,6 @@ pub(crate) struct Task {
     pub status: Option<v1::TaskStatus>,
     /// (state, timestamp) history.
     pub statuses: Vec<(TaskState, f64)>,
-    seen_uuids: HashSet<Vec<u8>>,
     /// A kill that could not be delivered yet (agent disconnected), with its grace override.
     kill_pending: Option<Option<f64>>,
     /// Whether the framework acknowledged `status` (true when it needs none).
@@ -1060,7 +1059,6 @@ impl Master {
                 state: TaskState::TaskStaging,
                 status: None,
                 statuses: vec![(TaskState::TaskStaging, now_seconds())],
-                seen_uuids: HashSet::new(),
                 kill_pending: None,
                 acked: true,
             },
@@ -1355,8 +1353,7 @@ impl Master {
                         state,
                         status: Some(st.clone()),
                         statuses: vec![(state, st.timestamp)],
-                        seen_uuids: HashSet::new(),
-                        kill_pending: None,
+                                kill_pending: None,
                         acked: true,
                     };
                     f.tasks.insert(tid, t);
@@ -1469,7 +1466,10 @@ impl Master {
             warn!(agent = %agent_id, task = %tid, "update from an agent that does not run this task; ignored");
             return;
         }
-        let fresh = s.uuid.is_empty() || task.seen_uuids.insert(s.uuid.clone());
+        // An agent sends a task's next update only once the previous one is acknowledged, and resends only the
+        // latest, so a repeat of the latest applied uuid is the only duplicate that can arrive.
+        let repeat = !s.uuid.is_empty() && task.status.as_ref().is_some_and(|x| x.uuid == s.uuid);
+        let fresh = !repeat;
         let mut recover = None;
         if fresh && task.state.may_become(state) {
             if state != task.state || task.status.as_ref().map(|x| x.healthy) != Some(s.healthy) {
@@ -1482,6 +1482,10 @@ impl Master {
                 recover = Some((task.role.clone(), task.resources.clone()));
             }
             info!(framework = %fid, task = %tid, state = state.name(), "{}", s.message);
+        }
+        if repeat {
+            // The agent resends it, so no acknowledgement reached it: a re-subscribing framework gets it again.
+            task.acked = false;
         }
         if let Some((role, resources)) = recover {
             self.allocator.recover(agent_id, &fid, &role, &resources, None);
