@@ -67,14 +67,6 @@ impl Masters {
         Ok(Masters::List(addrs))
     }
 
-    /// A list of `host:port` addresses, checked.
-    pub fn list<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Masters, String> {
-        let joined: Vec<String> = addrs.into_iter().map(|a| a.as_ref().to_string()).collect();
-        if joined.iter().any(|a| a.starts_with("etcd://")) {
-            return Err("etcd:// cannot be mixed with master addresses".into());
-        }
-        Masters::parse(&joined.join(","))
-    }
 }
 
 impl std::fmt::Display for Masters {
@@ -292,10 +284,6 @@ impl Finder {
         self.unreachable.get(addr).is_some_and(|(t, _)| t.elapsed() < SUSPECT_FOR)
     }
 
-    pub fn masters(&self) -> &Masters {
-        &self.masters
-    }
-
     /// Remembers the leader a master at `from` named; it is tried next. A master naming itself (it just failed
     /// us), or one unreachable lately when we followed it for this same term, is not followed, so a stale hint
     /// cannot make a client spin.
@@ -352,10 +340,9 @@ mod tests {
     fn master_lists() {
         assert_eq!(Masters::parse("http://127.0.0.1:5050/").unwrap(), Masters::List(vec!["127.0.0.1:5050".into()]));
         assert_eq!(Masters::parse("a:1, b:2").unwrap(), Masters::List(vec!["a:1".into(), "b:2".into()]));
-        for bad in ["", ",", "nohost", "h:x", ":5050", "h:0", "https://h:1", "a b:1"] {
+        for bad in ["", ",", "nohost", "h:x", ":5050", "h:0", "https://h:1", "a b:1", "a:1,etcd://e:2379"] {
             assert!(Masters::parse(bad).is_err(), "{bad}");
         }
-        assert!(Masters::list(["a:1", "etcd://e:2379"]).is_err());
     }
 
     #[test]

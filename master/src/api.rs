@@ -84,6 +84,10 @@ impl Frontend {
         }
     }
 
+    fn is_leading(&self) -> bool {
+        matches!(&*self.role.borrow(), Role::Leading(_))
+    }
+
     fn leader_address(&self) -> Option<String> {
         match &*self.role.borrow() {
             Role::Leading(_) => Some(self.advertise.clone()),
@@ -218,9 +222,7 @@ async fn redirect_to_leader(State(frontend): State<Frontend>, request: HttpReque
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc
-        || matches!(&*frontend.role.borrow(), Role::Leading(_))
-        || FOLLOWER_PATHS.contains(&request.uri().path())
+    if grpc || frontend.is_leading() || FOLLOWER_PATHS.contains(&request.uri().path())
     {
         return next.run(request).await;
     }
@@ -239,22 +241,17 @@ fn error(code: StatusCode, message: &str) -> HttpResponse {
 }
 
 async fn health(State(frontend): State<Frontend>) -> impl IntoResponse {
-    let is_leader = matches!(&*frontend.role.borrow(), Role::Leading(_));
     Json(serde_json::json!({
         "status": "ok",
         "version": corral_proto::VERSION,
-        "is_leader": is_leader,
+        "is_leader": frontend.is_leading(),
         "leader": frontend.leader_address(),
     }))
 }
 
 async fn state(State(frontend): State<Frontend>) -> HttpResponse {
-    let handle = match &*frontend.role.borrow() {
-        Role::Leading(handle) => Some(handle.clone()),
-        Role::Following { .. } => None,
-    };
     // (If the term ends while we ask, answer as the follower this master now is.)
-    if let Some(handle) = handle
+    if let Ok(handle) = frontend.leader()
         && let Ok(state) = handle.state().await
     {
         return Json(state).into_response();

@@ -146,11 +146,6 @@ impl HaCluster {
         (0..self.ports.len()).map(|i| self.addr(i)).collect::<Vec<_>>().join(",")
     }
 
-    /// Which master has this address.
-    pub fn index_of(&self, addr: &str) -> usize {
-        (0..self.ports.len()).find(|&i| self.addr(i) == addr).unwrap_or_else(|| panic!("{addr} is not a master"))
-    }
-
     /// (Re)starts master `i` (it joins as a follower while another leads).
     pub fn start_master(&mut self, i: usize) {
         let mut args = vec![
