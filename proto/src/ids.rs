@@ -2,6 +2,7 @@
 //! validated once here: non-empty, at most 255 bytes, and only `[A-Za-z0-9._-]` (no `/`, no `..`, no whitespace).
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Why an id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,23 +34,25 @@ pub fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Ids are shared (`Arc<str>`): the master keeps each in several indexes and clones them into every message, so a
+/// clone is a reference count, not a copy.
 macro_rules! id_type {
     ($name:ident, $kind:literal) => {
         #[doc = concat!("A validated ", $kind, ".")]
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates and wraps `value`.
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 validate($kind, &value)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
             /// A fresh random id with the given prefix.
             pub fn generate(prefix: &str) -> Self {
-                Self(format!("{prefix}{}", uuid::Uuid::new_v4().simple()))
+                Self(format!("{prefix}{}", uuid::Uuid::new_v4().simple()).into())
             }
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -71,7 +74,7 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 

@@ -214,6 +214,25 @@ impl Resources {
         out
     }
 
+    /// The same resources with at most `max_milli` thousandths of scalar `name`: reserved amounts are kept first
+    /// (only their role can use them), then unreserved ones; a persistent volume is kept whole or left out.
+    pub fn capped(&self, name: &str, max_milli: i64) -> Resources {
+        let mut left = max_milli.max(0);
+        let mut out = Resources { entries: Vec::with_capacity(self.entries.len()) };
+        let named = |e: &&Entry| e.name == name && matches!(e.value, Value::Scalar(_));
+        let reserved_first = self.entries.iter().filter(named).filter(|e| e.role.is_some());
+        for e in reserved_first.chain(self.entries.iter().filter(named).filter(|e| e.role.is_none())) {
+            let Value::Scalar(v) = e.value else { continue };
+            let take = if e.volume.is_some() { if v <= left { v } else { 0 } } else { v.min(left) };
+            left -= take;
+            out.add_entry(Entry { value: Value::Scalar(take), ..e.clone() });
+        }
+        for e in self.entries.iter().filter(|e| !named(e)) {
+            out.add_entry(e.clone());
+        }
+        out
+    }
+
     /// A range resource (e.g. `ports`) holding `ranges`, unreserved.
     pub fn ranges_of(name: &str, ranges: &[(u64, u64)]) -> Resources {
         let mut r = Resources::new();
@@ -651,6 +670,17 @@ mod tests {
         assert_eq!(r.get_scalar("disk"), 20000.0);
         assert_eq!(r.ranges("ports"), vec![(31000, 32000)]);
         assert_eq!(r.to_string(), "cpus:4;disk:20000;mem:4096;ports:[31000-32000]");
+    }
+
+    #[test]
+    fn capped_keeps_reserved_first_and_volumes_whole() {
+        let r = Resources::parse("cpus:4;mem:1024;cpus(db):1;ports:[1-2]").unwrap();
+        assert_eq!(r.capped("cpus", 2_500), Resources::parse("cpus:1.5;cpus(db):1;mem:1024;ports:[1-2]").unwrap());
+        assert_eq!(r.capped("cpus", 0), Resources::parse("mem:1024;ports:[1-2]").unwrap());
+        assert_eq!(r.capped("mem", i64::MAX), r);
+        let v = Resources::volume("db", "v1", "data", 100.0).plus(&Resources::parse("disk:50").unwrap());
+        assert_eq!(v.capped("disk", 60_000), Resources::parse("disk:50").unwrap());
+        assert_eq!(v.capped("disk", 120_000), Resources::volume("db", "v1", "data", 100.0).plus(&Resources::parse("disk:20").unwrap()));
     }
 
     #[test]
