@@ -1,8 +1,9 @@
 //! `corral-bench`: measures what users choose a resource manager for, and prints a table (also written to
 //! `target/bench/results.json`). Figures, not assertions: speed targets live here, never in tests.
 //!
-//! * `allocator` — the pure allocator in-process: a full cycle with every agent free, the cycles of the
-//!   "every framework declines with a filter" shape (Mesos' DeclineOffers benchmark), and one incremental event;
+//! * `allocator` — the pure allocator in-process, in Mesos' benchmark shapes: every framework declines every offer
+//!   with a filter until none wants anything, then all revive (DeclineOffers), and one cycle meeting thousands of
+//!   quota guarantees (LargeAndSmallQuota); plus single events (offer declined, task finished, agent added);
 //! * `launch` — real master, agent and task processes: accept → RUNNING latency, p50/p99, sequential launches,
 //!   and the sustained launch rate, with cgroups and without in one run, beside the machine's raw spawn rate;
 //! * `cgroups` — creating and removing one task's cgroups on this host;
@@ -21,7 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod sim;
 use nix::sys::signal::Signal;
-use corral_master::allocator::{Allocator, AllocatorConfig};
+use corral_master::allocator::{Allocation, Allocator, AllocatorConfig, Quota};
 use corral_proto::{AgentId, FrameworkId, Resources};
 use serde_json::{Value, json};
 
@@ -37,14 +38,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// Allocator cycles in-process.
+    /// Allocator cycles in-process, in Mesos' benchmark shapes.
     Allocator {
-        #[arg(long, default_value_t = 1000)]
+        /// Agents and frameworks of the declining shape.
+        #[arg(long, default_value_t = 10_000)]
         agents: usize,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 1_000)]
         frameworks: usize,
-        #[arg(long, default_value_t = 10)]
-        roles: usize,
+        /// Roles (one framework each) of the quota shape; agents follow from them as in Mesos.
+        #[arg(long, default_value_t = 3_000)]
+        quota_roles: usize,
     },
     /// accept → RUNNING latency and sustained launch rate with real processes, with cgroups and without, beside
     /// the machine's raw spawn rate.
@@ -110,67 +113,116 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn allocator(agents: usize, frameworks: usize, roles: usize) -> Vec<Row> {
+/// Mesos' DeclineOffers shape: every agent runs 16 tasks of one framework; every offer is declined with a long
+/// filter until no framework wants any agent; then all frameworks revive (one full cycle), and single events.
+fn allocator_declining(agents: usize, frameworks: usize) -> Vec<Row> {
     let mut a = Allocator::new(AllocatorConfig::default());
     let now = Instant::now();
-    let total = Resources::parse("cpus:16;mem:65536;disk:100000;ports:[31000-32000]").expect("resources");
+    let total = Resources::parse("cpus:24;mem:4096;disk:4096;ports:[31000-32000]").expect("resources");
+    let used = Resources::parse("cpus:16;mem:2014;disk:1024;ports:[31000-31015]").expect("resources");
     let agent_ids: Vec<AgentId> = (0..agents).map(|i| AgentId::new(format!("a{i}")).expect("id")).collect();
     let fw_ids: Vec<FrameworkId> = (0..frameworks).map(|i| FrameworkId::new(format!("f{i}")).expect("id")).collect();
-    for id in &agent_ids {
-        a.add_agent(id.clone(), total.clone(), Vec::new()).expect("agent");
+    let role = vec!["*".to_string()];
+    for id in &fw_ids {
+        a.add_framework(id.clone(), &role, true).expect("framework");
     }
-    for (i, id) in fw_ids.iter().enumerate() {
-        a.add_framework(id.clone(), &[format!("role{}", i % roles.max(1))], true).expect("framework");
+    for (i, id) in agent_ids.iter().enumerate() {
+        let tasks = vec![(fw_ids[i % frameworks].clone(), "*".to_string(), used.clone())];
+        a.add_agent(id.clone(), total.clone(), tasks).expect("agent");
     }
-    let label = format!("{agents} agents x {frameworks} frameworks, {roles} roles");
+    let label = format!("{agents} agents x {frameworks} frameworks");
     let mut rows = Vec::new();
+    let mut row = |metric: String, value: f64, unit| rows.push(Row { scenario: "allocator", metric, value, unit });
 
-    // Full cycle: every agent free, every framework wants everything.
-    let mut full = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let offers = a.allocate(now);
-        full.push(t.elapsed());
-        assert_eq!(offers.len(), agents, "every agent offered once");
-        for o in offers {
-            a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, None);
-        }
-    }
-    full.sort();
-    rows.push(Row { scenario: "allocator", metric: format!("full cycle, all agents free ({label}), median"), value: ms(full[2]), unit: "ms" });
-
-    // DeclineOffers: every offer is declined with a long filter until no framework wants any agent.
-    let mut declining = Vec::new();
+    // Declining rounds: each framework is offered each agent once, then filters it for an hour.
     let refuse = Some((now, Duration::from_secs(3600)));
+    let mut rounds = Vec::new();
+    let mut offers = Vec::new();
     loop {
+        for o in offers.drain(..) {
+            let o: Allocation = o;
+            a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, refuse);
+        }
         let t = Instant::now();
-        let offers = a.allocate(now);
-        declining.push(t.elapsed());
+        offers = a.allocate(now);
+        rounds.push(t.elapsed());
         if offers.is_empty() {
             break;
         }
-        for o in offers {
-            a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, refuse);
-        }
     }
-    let worst = declining.iter().max().copied().unwrap_or_default();
-    rows.push(Row { scenario: "allocator", metric: format!("declining cycles until all filtered ({} cycles), worst", declining.len()), value: ms(worst), unit: "ms" });
-    let t = Instant::now();
-    let idle = a.allocate(now);
-    rows.push(Row { scenario: "allocator", metric: "cycle with nothing changed (skipped)".into(), value: ms(t.elapsed()), unit: "ms" });
-    assert!(idle.is_empty());
+    let first = rounds[0];
+    rounds.sort();
+    row(format!("declining ({label}): first cycle, every agent offered"), ms(first), "ms");
+    row(format!("declining ({label}): cycles until all filtered"), rounds.len() as f64, "cycles");
+    row(format!("declining ({label}): cycle, median"), ms(percentile(&rounds, 0.5)), "ms");
+    row(format!("declining ({label}): cycle, worst"), ms(*rounds.last().expect("one round")), "ms");
 
-    // Incremental event: one framework revives (its filters go), one cycle.
-    a.revive(&fw_ids[0], &[]);
+    // Every framework revives: a full cycle offering every agent again.
+    for id in &fw_ids {
+        a.revive(id, &[]);
+    }
     let t = Instant::now();
     let offers = a.allocate(now);
-    rows.push(Row { scenario: "allocator", metric: format!("event: one framework revives -> {} offers", offers.len()), value: ms(t.elapsed()), unit: "ms" });
-    // Incremental event: a task ends on one agent.
+    row(format!("full cycle after all revive ({label}, {} offers)", offers.len()), ms(t.elapsed()), "ms");
+    assert_eq!(offers.len(), agents, "every agent offered once");
+
+    // Single events, each followed by a cycle.
+    let mut event = |name: &str, a: &mut Allocator| {
+        let t = Instant::now();
+        let n = a.allocate(now).len();
+        row(format!("event: {name}, then a cycle ({n} offers)"), ms(t.elapsed()), "ms");
+    };
     let o = &offers[0];
-    a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, None);
+    a.recover(&o.agent_id, &o.framework_id, &o.role, &o.resources, refuse);
+    event("offer declined", &mut a);
+    // Agent 1 runs framework 1's tasks (see above); one of them ends.
+    a.recover(&agent_ids[1], &fw_ids[1 % frameworks], "*", &Resources::parse("cpus:1;mem:64").expect("r"), None);
+    event("task finished", &mut a);
+    a.add_agent(AgentId::new("new-agent").expect("id"), total.clone(), Vec::new()).expect("agent");
+    event("agent added", &mut a);
+    rows
+}
+
+/// Mesos' LargeAndSmallQuota shape: agents of 2 cpus; 5/6 of the roles have a guarantee of half an agent, 1/6 of
+/// two agents; one framework per role; one cycle satisfies every guarantee.
+fn allocator_quota(roles: usize) -> Vec<Row> {
+    let (small, large) = (roles * 5 / 6, roles / 6);
+    let agents = small / 5 + large * 5;
+    let mut a = Allocator::new(AllocatorConfig::default());
+    let now = Instant::now();
+    let total = Resources::parse("cpus:2;mem:2048;disk:2048").expect("resources");
+    for i in 0..agents {
+        a.add_agent(AgentId::new(format!("a{i}")).expect("id"), total.clone(), Vec::new()).expect("agent");
+    }
+    let mut named = Vec::new();
+    for (count, kind, amount) in [(small, "small", "cpus:1;mem:1024;disk:1024"), (large, "large", "cpus:4;mem:4096;disk:4096")] {
+        let amount = Resources::parse(amount).expect("quota");
+        for i in 0..count {
+            let role = format!("{kind}{i}");
+            a.set_quota(&role, Quota { guarantee: amount.clone(), limit: amount.clone() }).expect("quota");
+            named.push(role);
+        }
+    }
+    for (i, role) in named.iter().enumerate() {
+        a.add_framework(FrameworkId::new(format!("f{i}")).expect("id"), std::slice::from_ref(role), true).expect("fw");
+    }
+    let label = format!("{agents} agents x {} roles x {} frameworks", named.len(), named.len());
     let t = Instant::now();
-    a.allocate(now);
-    rows.push(Row { scenario: "allocator", metric: "event: resources recovered on one agent".into(), value: ms(t.elapsed()), unit: "ms" });
+    let offers = a.allocate(now);
+    let first = t.elapsed();
+    let t = Instant::now();
+    let again = a.allocate(now);
+    let second = t.elapsed();
+    assert!(again.is_empty(), "every guarantee met in one cycle");
+    vec![
+        Row { scenario: "allocator", metric: format!("quota ({label}): cycle meeting every guarantee ({} offers)", offers.len()), value: ms(first), unit: "ms" },
+        Row { scenario: "allocator", metric: format!("quota ({label}): next cycle, nothing to offer"), value: ms(second), unit: "ms" },
+    ]
+}
+
+fn allocator(agents: usize, frameworks: usize, quota_roles: usize) -> Vec<Row> {
+    let mut rows = allocator_declining(agents, frameworks);
+    rows.extend(allocator_quota(quota_roles));
     rows
 }
 
@@ -462,8 +514,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut rows = Vec::new();
     match cli.scenario {
-        Scenario::Allocator { agents, frameworks, roles } => {
-            rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(agents, frameworks, roles) })
+        Scenario::Allocator { agents, frameworks, quota_roles } => {
+            rows.extend(if cli.smoke { allocator(100, 10, 60) } else { allocator(agents, frameworks, quota_roles) })
         }
         Scenario::Launch { count } => rows.extend(launch_both(if cli.smoke { 5 } else { count }).await?),
         Scenario::Cgroups { count } => rows.extend(cgroups(if cli.smoke { 5 } else { count })?),
@@ -477,7 +529,7 @@ async fn main() -> anyhow::Result<()> {
             rows.extend(failover(if cli.smoke { 1 } else { count }, lease_ttl, agents).await?)
         }
         Scenario::All => {
-            rows.extend(if cli.smoke { allocator(20, 5, 2) } else { allocator(1000, 100, 10) });
+            rows.extend(if cli.smoke { allocator(100, 10, 60) } else { allocator(10_000, 1_000, 3_000) });
             rows.extend(launch_both(if cli.smoke { 5 } else { 500 }).await?);
             rows.extend(cgroups(if cli.smoke { 5 } else { 200 })?);
             // The full-size placement (10,000 agents, 1,000,000 tasks: minutes and gigabytes at today's rates) is
