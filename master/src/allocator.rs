@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use corral_proto::{AgentId, FrameworkId, Resources};
 use fixedbitset::FixedBitSet;
+use smallvec::SmallVec;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -705,8 +706,8 @@ impl Allocator {
             if !agent.active || !is_allocatable(&agent.free) {
                 return;
             }
-            let unreserved = agent.free.unreserved();
-            let reserved: Vec<usize> =
+            let mut unreserved = agent.free.unreserved();
+            let reserved: SmallVec<[usize; 4]> =
                 agent.free.reservation_roles().iter().filter_map(|r| self.role_slots.get(*r).copied()).collect();
             let order = match stage {
                 Stage::Quota => &self.quota_order,
@@ -730,11 +731,13 @@ impl Allocator {
                     continue;
                 }
                 if let Some(f) = self.pick_framework(a, r, &offerable) {
-                    chosen = Some((f, r, offerable.into_owned()));
+                    // All the unreserved part is moved, not copied.
+                    chosen = Some((f, r, matches!(offerable, Cow::Owned(_)).then(|| offerable.into_owned())));
                     break;
                 }
             }
             let Some((f, r, resources)) = chosen else { return };
+            let resources = resources.unwrap_or_else(|| std::mem::take(&mut unreserved));
             self.allocate_on(a, f, r, &resources);
             self.refresh_candidate(a);
             done.push(r);
@@ -774,7 +777,7 @@ impl Allocator {
     /// that wants offers and has no decline filter covering `offerable` here.
     fn pick_framework(&self, a: usize, r: usize, offerable: &Resources) -> Option<usize> {
         let role = &self.roles[r];
-        let blocking: Vec<&FixedBitSet> = self.agents[a]
+        let blocking: SmallVec<[&FixedBitSet; 4]> = self.agents[a]
             .declined
             .iter()
             .filter(|d| d.resources.contains(offerable))

@@ -4,7 +4,9 @@
 //!
 //! Scalars are stored in thousandths (fixed point, like Mesos) so that repeated add/subtract never drifts.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::v1;
 
@@ -57,11 +59,22 @@ pub struct VolumeSpec {
     pub container_path: String,
 }
 
+/// A resource name: the well-known ones are static, so copying resources (which the allocator does on every offer)
+/// allocates nothing for them.
+type Name = Cow<'static, str>;
+
+fn intern(name: &str) -> Name {
+    match SCALAR_NAMES.iter().chain(&RANGE_NAMES).find(|&&known| known == name) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name.to_string()),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Entry {
-    name: String,
-    /// `None` is unreserved (`*`).
-    role: Option<String>,
+    name: Name,
+    /// `None` is unreserved (`*`). Shared: a copy is a reference count.
+    role: Option<Arc<str>>,
     /// Set for a persistent volume (always reserved `disk`).
     volume: Option<VolumeSpec>,
     value: Value,
@@ -103,7 +116,7 @@ impl Resources {
     /// A single unreserved scalar.
     pub fn scalar(name: &str, value: f64) -> Self {
         let mut r = Resources::new();
-        r.add_entry(Entry { name: name.into(), role: None, volume: None, value: Value::Scalar(to_milli(value)) });
+        r.add_entry(Entry { name: intern(name), role: None, volume: None, value: Value::Scalar(to_milli(value)) });
         r
     }
 
@@ -111,7 +124,7 @@ impl Resources {
     pub fn volume(role: &str, persistence_id: &str, container_path: &str, size_mib: f64) -> Self {
         let mut r = Resources::new();
         r.add_entry(Entry {
-            name: "disk".into(),
+            name: intern("disk"),
             role: Some(role.into()),
             volume: Some(VolumeSpec { persistence_id: persistence_id.into(), container_path: container_path.into() }),
             value: Value::Scalar(to_milli(size_mib)),
@@ -129,7 +142,7 @@ impl Resources {
                     Value::Scalar(m) => m as f64 / MILLI as f64,
                     Value::Ranges(_) => 0.0,
                 };
-                Some((e.role.clone().unwrap_or_default(), v, size))
+                Some((e.role.as_deref().unwrap_or_default().to_string(), v, size))
             })
             .collect()
     }
@@ -209,7 +222,7 @@ impl Resources {
         for e in &self.entries {
             // A volume cannot exist unreserved: dropping the role drops the volume too.
             let volume = if role.is_some() { e.volume.clone() } else { None };
-            out.add_entry(Entry { role: role.map(str::to_string), volume, ..e.clone() });
+            out.add_entry(Entry { role: role.map(Arc::from), volume, ..e.clone() });
         }
         out
     }
@@ -236,7 +249,7 @@ impl Resources {
     /// A range resource (e.g. `ports`) holding `ranges`, unreserved.
     pub fn ranges_of(name: &str, ranges: &[(u64, u64)]) -> Resources {
         let mut r = Resources::new();
-        r.add_entry(Entry { name: name.into(), role: None, volume: None, value: Value::Ranges(range_union(&[], ranges)) });
+        r.add_entry(Entry { name: intern(name), role: None, volume: None, value: Value::Ranges(range_union(&[], ranges)) });
         r
     }
 
@@ -356,7 +369,7 @@ impl Resources {
                 None => None,
                 Some(v) => Some(parse_volume(&token, &r.name, role.as_deref(), &v.persistence_id, &v.container_path)?),
             };
-            out.add_entry(Entry { name: r.name.clone(), role, volume, value });
+            out.add_entry(Entry { name: intern(&r.name), role, volume, value });
         }
         Ok(out)
     }
@@ -367,8 +380,8 @@ impl Resources {
             .iter()
             .map(|e| {
                 let mut r = v1::Resource {
-                    name: e.name.clone(),
-                    role: e.role.clone().unwrap_or_default(),
+                    name: e.name.to_string(),
+                    role: e.role.as_deref().unwrap_or_default().to_string(),
                     volume: e.volume.as_ref().map(|v| v1::Volume {
                         persistence_id: v.persistence_id.clone(),
                         container_path: v.container_path.clone(),
@@ -399,11 +412,11 @@ impl Resources {
         }
         for e in &self.entries {
             match &e.value {
-                Value::Scalar(_) if !map.contains_key(&e.name) => {
-                    map.insert(e.name.clone(), serde_json::json!(self.get_scalar(&e.name)));
+                Value::Scalar(_) if !map.contains_key(&*e.name) => {
+                    map.insert(e.name.to_string(), serde_json::json!(self.get_scalar(&e.name)));
                 }
-                Value::Ranges(_) if !map.contains_key(&e.name) => {
-                    map.insert(e.name.clone(), serde_json::json!(format_ranges(&self.ranges(&e.name))));
+                Value::Ranges(_) if !map.contains_key(&*e.name) => {
+                    map.insert(e.name.to_string(), serde_json::json!(format_ranges(&self.ranges(&e.name))));
                 }
                 _ => {}
             }
@@ -439,7 +452,7 @@ impl std::str::FromStr for Resources {
 fn describe(e: &Entry) -> String {
     let mut out = match &e.role {
         Some(role) => format!("{}({role})", e.name),
-        None => e.name.clone(),
+        None => e.name.to_string(),
     };
     if let Some(v) = &e.volume {
         out.push_str(&format!("[{}:{}]", v.persistence_id, v.container_path));
@@ -518,7 +531,7 @@ fn parse_token(token: &str) -> Result<Entry, ParseError> {
         Some((id, path)) => Some(parse_volume(token, name, role.as_deref(), &id, &path)?),
         None => None,
     };
-    Ok(Entry { name: name.to_string(), role, volume, value })
+    Ok(Entry { name: intern(name), role, volume, value })
 }
 
 fn parse_ranges(token: &str, inner: &str) -> Result<Vec<(u64, u64)>, ParseError> {
@@ -550,12 +563,12 @@ fn validate_name(token: &str, name: &str) -> Result<(), ParseError> {
 }
 
 /// Roles: `*` or empty is unreserved; otherwise a name without `/`, whitespace or parentheses.
-fn parse_role(token: &str, role: &str) -> Result<Option<String>, ParseError> {
+fn parse_role(token: &str, role: &str) -> Result<Option<Arc<str>>, ParseError> {
     if role.is_empty() || role == "*" {
         return Ok(None);
     }
     validate_role(role).map_err(|reason| ParseError::new(token, reason))?;
-    Ok(Some(role.to_string()))
+    Ok(Some(role.into()))
 }
 
 /// Checks a role name (shared by resource parsing, framework subscription and the master's `--weights`).
@@ -800,12 +813,13 @@ mod tests {
 
     fn arb_resources() -> impl Strategy<Value = Resources> {
         let scalar = (prop_oneof!["cpus", "mem", "disk"], prop::option::of("[ab]"), 0u32..100_000).prop_map(
-            |(name, role, milli)| Entry { name: name.to_string(), role, volume: None, value: Value::Scalar(milli as i64) },
+            |(name, role, milli)| Entry { name: intern(&name), role: role.map(Arc::from), volume: None, value: Value::Scalar(milli as i64) },
         );
         let ports = (prop::option::of("[ab]"), prop::collection::vec((0u64..200, 0u64..20), 1..4)).prop_map(
             |(role, spans)| {
                 let ranges: Vec<(u64, u64)> = spans.into_iter().map(|(b, len)| (b, b + len)).collect();
-                Entry { name: "ports".into(), role, volume: None, value: Value::Ranges(range_union(&[], &ranges)) }
+                let role = role.map(Arc::from);
+                Entry { name: intern("ports"), role, volume: None, value: Value::Ranges(range_union(&[], &ranges)) }
             },
         );
         prop::collection::vec(prop_oneof![scalar, ports], 0..6).prop_map(|entries| {
