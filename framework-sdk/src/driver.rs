@@ -2,7 +2,8 @@
 //!
 //! Invariants:
 //! * the framework id from the first SUBSCRIBED is reused on every re-subscription (failover keeps tasks);
-//! * a status update with a uuid is acknowledged only after `Scheduler::status_update` returned;
+//! * a status update with a uuid is acknowledged only after `Scheduler::status_update` returned, in order, batched
+//!   with the others that arrive while an acknowledgement call is in flight;
 //! * no event for 3 heartbeat intervals means the stream is dead: reconnect;
 //! * masters are tried in turn (or the leader etcd names, for `etcd://`); a master that answers UNAVAILABLE with a
 //!   `corral-leader` hint is followed at once; only failures back off (100 ms doubling to 1 s, with jitter).
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use corral_discovery::{Attempt, Finder, Masters};
 use corral_proto::v1::{self, event, scheduler_client::SchedulerClient};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -158,18 +159,6 @@ impl Driver {
         Ok(())
     }
 
-    async fn acknowledge(&self, status: &v1::TaskStatus) -> Result<(), DriverError> {
-        let s = self.session().await?;
-        let req = v1::AcknowledgeRequest {
-            header: Some(s.header.clone()),
-            agent_id: status.agent_id.clone(),
-            task_id: status.task_id.clone(),
-            uuid: status.uuid.clone(),
-        };
-        s.client.clone().acknowledge(req).await?;
-        Ok(())
-    }
-
     /// Makes [`SchedulerDriver::run`] return after the current callback. Tasks keep running until the
     /// framework's failover timeout passes.
     pub fn stop(&self) {
@@ -298,6 +287,7 @@ impl SchedulerDriver {
         };
         let mut silence = Duration::from_secs(30);
         let mut subscribed = false;
+        let mut acks = None;
         loop {
             let next = match tokio::time::timeout(silence, stream.next()).await {
                 Ok(next) => next,
@@ -320,10 +310,9 @@ impl SchedulerDriver {
                     subscribed = true;
                     silence = Duration::from_secs_f64((s.heartbeat_interval_seconds * 3.0).clamp(1.0, 300.0));
                     *driver.framework_id.lock().await = Some(s.framework_id.clone());
-                    *driver.session.lock().await = Some(Session {
-                        client: client.clone(),
-                        header: v1::CallHeader { framework_id: s.framework_id.clone(), stream_id: s.stream_id },
-                    });
+                    let header = v1::CallHeader { framework_id: s.framework_id.clone(), stream_id: s.stream_id };
+                    acks = Some(spawn_acknowledger(client.clone(), header.clone()));
+                    *driver.session.lock().await = Some(Session { client: client.clone(), header });
                     info!(framework = %s.framework_id, master = %s.master, "subscribed");
                     scheduler.registered(driver, &s.framework_id, &s.master).await;
                     if self.reconcile_on_subscribe
@@ -338,10 +327,10 @@ impl SchedulerDriver {
                     let Some(status) = u.status else { continue };
                     scheduler.status_update(driver, &status).await;
                     if !status.uuid.is_empty()
-                        && let Err(e) = driver.acknowledge(&status).await
+                        && let Some(acks) = &acks
                     {
-                        // The agent resends unacknowledged updates, so this is retried naturally.
-                        debug!(task = %status.task_id, "acknowledge failed: {e}");
+                        let v1::TaskStatus { agent_id, task_id, uuid, .. } = status;
+                        let _ = acks.send(v1::acknowledge_batch_request::Update { agent_id, task_id, uuid });
                     }
                 }
                 event::Event::Error(e) => {
@@ -367,4 +356,29 @@ enum SessionEnd {
 /// How a stream that opened ended: as a served session once SUBSCRIBED arrived, else as a failed attempt.
 fn ended(subscribed: bool) -> Attempt {
     if subscribed { Attempt::Ended } else { Attempt::Failed }
+}
+
+/// The most acknowledgements sent in one call.
+const MAX_ACK_BATCH: usize = 4096;
+
+/// Sends one session's acknowledgements in the background, in order: one call at a time, each carrying every
+/// acknowledgement that piled up while the previous was in flight. At a trickle each goes alone at once; under load
+/// a framework makes a few calls, not one per update. Dropping the sender ends the task once the queue is sent.
+fn spawn_acknowledger(
+    client: SchedulerClient<Channel>,
+    header: v1::CallHeader,
+) -> mpsc::UnboundedSender<v1::acknowledge_batch_request::Update> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut updates = Vec::new();
+        while rx.recv_many(&mut updates, MAX_ACK_BATCH).await > 0 {
+            let n = updates.len();
+            let req = v1::AcknowledgeBatchRequest { header: Some(header.clone()), updates: std::mem::take(&mut updates) };
+            if let Err(e) = client.clone().acknowledge_batch(req).await {
+                // The agent resends unacknowledged updates, so these are retried naturally.
+                debug!("acknowledging {n} updates failed: {}", e.message());
+            }
+        }
+    });
+    tx
 }

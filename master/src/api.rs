@@ -155,6 +155,10 @@ impl scheduler_server::Scheduler for Frontend {
         let r = r.into_inner();
         self.call(r.header.clone(), Call::Acknowledge(r)).await
     }
+    async fn acknowledge_batch(&self, r: Request<v1::AcknowledgeBatchRequest>) -> Result<Response<v1::Empty>, Status> {
+        let r = r.into_inner();
+        self.call(r.header.clone(), Call::AcknowledgeBatch(r)).await
+    }
     async fn reconcile(&self, r: Request<v1::ReconcileRequest>) -> Result<Response<v1::Empty>, Status> {
         let r = r.into_inner();
         self.call(r.header.clone(), Call::Reconcile(r)).await

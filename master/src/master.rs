@@ -96,6 +96,7 @@ pub enum Call {
     Suppress(v1::SuppressRequest),
     Kill(v1::KillRequest),
     Acknowledge(v1::AcknowledgeRequest),
+    AcknowledgeBatch(v1::AcknowledgeBatchRequest),
     Reconcile(v1::ReconcileRequest),
     Message(v1::MessageRequest),
     Teardown,
@@ -111,6 +112,7 @@ impl Call {
             Call::Suppress(_) => "SUPPRESS",
             Call::Kill(_) => "KILL",
             Call::Acknowledge(_) => "ACKNOWLEDGE",
+            Call::AcknowledgeBatch(_) => "ACKNOWLEDGE_BATCH",
             Call::Reconcile(_) => "RECONCILE",
             Call::Message(_) => "MESSAGE",
             Call::Teardown => "TEARDOWN",
@@ -646,7 +648,23 @@ impl Master {
                 Ok(())
             }
             Call::Kill(req) => self.kill(&id, req),
-            Call::Acknowledge(req) => self.acknowledge(&id, req),
+            Call::Acknowledge(req) => self.acknowledge(&id, &req.agent_id, &req.task_id, req.uuid)
+                .map_err(|e| fail(format!("ACKNOWLEDGE: {e}"))),
+            Call::AcknowledgeBatch(req) => {
+                let total = req.updates.len();
+                let refused: Vec<String> = req
+                    .updates
+                    .into_iter()
+                    .filter_map(|u| self.acknowledge(&id, &u.agent_id, &u.task_id, u.uuid).err())
+                    .collect();
+                match refused.first() {
+                    None => Ok(()),
+                    Some(first) => Err(fail(format!(
+                        "ACKNOWLEDGE_BATCH: {} of {total} refused (the rest were applied); first: {first}",
+                        refused.len()
+                    ))),
+                }
+            }
             Call::Reconcile(req) => self.reconcile(&id, req),
             Call::Message(_) => Err(Status::failed_precondition(
                 "MESSAGE: corral tasks run without an executor, so there is nobody to deliver framework messages to",
@@ -1121,18 +1139,19 @@ impl Master {
         Ok(())
     }
 
-    fn acknowledge(&mut self, id: &FrameworkId, req: v1::AcknowledgeRequest) -> Result<(), Status> {
-        let task_id = TaskId::new(req.task_id.clone()).map_err(|e| fail(format!("ACKNOWLEDGE: {e}")))?;
-        let agent_id = AgentId::new(req.agent_id.clone()).map_err(|e| fail(format!("ACKNOWLEDGE: {e}")))?;
-        if req.uuid.is_empty() {
-            return Err(fail("ACKNOWLEDGE: uuid is empty; updates without a uuid need no acknowledgement"));
+    /// Applies a framework's acknowledgement of a task's update and relays it to the agent; the error says why not.
+    fn acknowledge(&mut self, id: &FrameworkId, agent_id: &str, task_id: &str, uuid: Vec<u8>) -> Result<(), String> {
+        let task_id = TaskId::new(task_id).map_err(|e| e.to_string())?;
+        let agent_id = AgentId::new(agent_id).map_err(|e| e.to_string())?;
+        if uuid.is_empty() {
+            return Err(format!("task {task_id}: uuid is empty; updates without a uuid need no acknowledgement"));
         }
         let Some(f) = self.frameworks.get_mut(id) else { return Ok(()) };
         if let Some(task) = f.tasks.get_mut(&task_id) {
             if task.agent_id != agent_id {
-                return Err(fail(format!("ACKNOWLEDGE: task {task_id} runs on {}, not {agent_id}", task.agent_id)));
+                return Err(format!("task {task_id} runs on {}, not {agent_id}", task.agent_id));
             }
-            let is_latest = task.status.as_ref().is_some_and(|s| s.uuid == req.uuid);
+            let is_latest = task.status.as_ref().is_some_and(|s| s.uuid == uuid);
             task.acked |= is_latest;
             if is_latest && task.state.is_terminal() {
                 let task = f.tasks.remove(&task_id).expect("present");
@@ -1147,7 +1166,7 @@ impl Master {
             master_message::Message::Acknowledge(master_message::Acknowledge {
                 framework_id: id.to_string(),
                 task_id: task_id.to_string(),
-                uuid: req.uuid,
+                uuid,
             }),
         );
         Ok(())

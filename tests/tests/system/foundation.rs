@@ -369,26 +369,35 @@ async fn unacknowledged_updates_are_retried_and_applied_once() {
     let state = cluster.state().await;
     let statuses = Cluster::find_task(&state, "once").unwrap()["statuses"].as_array().unwrap().len();
     assert_eq!(statuses, 2, "STAGING + STARTING once, however often it was resent");
-    // Acknowledge: RUNNING follows.
+    // Acknowledge in a batch beside a bad entry: the bad one is named, the good one applied, so RUNNING follows.
     let header = header.unwrap();
-    client
-        .acknowledge(v1::AcknowledgeRequest {
-            header: Some(header.clone()),
-            agent_id: updates[0].agent_id.clone(),
-            task_id: "once".into(),
-            uuid: updates[0].uuid.clone(),
-        })
+    let ack = |task_id: &str| v1::acknowledge_batch_request::Update {
+        agent_id: updates[0].agent_id.clone(),
+        task_id: task_id.into(),
+        uuid: updates[0].uuid.clone(),
+    };
+    let err = client
+        .acknowledge_batch(v1::AcknowledgeBatchRequest { header: Some(header.clone()), updates: vec![ack("once"), ack("../x")] })
         .await
-        .unwrap();
-    loop {
+        .unwrap_err();
+    assert!(err.message().contains("1 of 2 refused") && err.message().contains("../x"), "{err}");
+    let running = loop {
         let ev = tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap().unwrap();
         if let Some(v1::event::Event::Update(u)) = ev.event {
             let s = u.status.unwrap();
             if s.state == TaskState::TaskRunning as i32 {
-                break;
+                break s;
             }
         }
-    }
+    };
+    // The single-update call works too.
+    let single = v1::AcknowledgeRequest {
+        header: Some(header.clone()),
+        agent_id: running.agent_id.clone(),
+        task_id: running.task_id.clone(),
+        uuid: running.uuid.clone(),
+    };
+    client.acknowledge(single).await.unwrap();
     // A call on another framework's behalf, or from a stale stream, is refused.
     let forged = v1::CallHeader { framework_id: header.framework_id.clone(), stream_id: "not-the-stream".into() };
     let err = client
