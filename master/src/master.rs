@@ -142,8 +142,12 @@ pub(crate) struct Agent {
     pub usage: HashMap<(String, String), v1::resource_usage::TaskUsage>,
 }
 
+/// What the master keeps of a task: the agent holds its TaskInfo (command, health check, …), so the master keeps only
+/// what it tracks and shows. At a million tasks every field here costs megabytes.
 pub(crate) struct Task {
-    pub info: v1::TaskInfo,
+    pub id: TaskId,
+    /// `None` when the name is the task id (the common case).
+    name: Option<String>,
     pub agent_id: AgentId,
     pub resources: Resources,
     pub role: String,
@@ -155,6 +159,16 @@ pub(crate) struct Task {
     kill_pending: Option<Option<f64>>,
     /// Whether the framework acknowledged `status` (true when it needs none).
     acked: bool,
+}
+
+impl Task {
+    fn name_unless_id(info: &v1::TaskInfo) -> Option<String> {
+        (!info.name.is_empty() && info.name != info.task_id).then(|| info.name.clone())
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.id.as_str())
+    }
 }
 
 pub(crate) struct Framework {
@@ -1070,7 +1084,8 @@ impl Master {
         f.tasks.insert(
             task_id.clone(),
             Task {
-                info: info.clone(),
+                id: task_id.clone(),
+                name: Task::name_unless_id(&info),
                 agent_id: agent_id.clone(),
                 resources,
                 role: role.to_string(),
@@ -1191,7 +1206,7 @@ impl Master {
                 let known = f
                     .tasks
                     .get(&task_id)
-                    .or_else(|| f.completed_tasks.iter().rev().find(|c| c.info.task_id == task_id.as_str()));
+                    .or_else(|| f.completed_tasks.iter().rev().find(|c| c.id == task_id));
                 if let Some(task) = known {
                     out.push(latest(task, &task_id));
                     continue;
@@ -1365,14 +1380,15 @@ impl Master {
                 }
                 None => {
                     let t = Task {
-                        info: task,
+                        id: tid.clone(),
+                        name: Task::name_unless_id(&task),
                         agent_id: agent_id.clone(),
                         resources: res,
                         role,
                         state,
                         status: Some(st.clone()),
                         statuses: vec![(state, st.timestamp)],
-                                kill_pending: None,
+                        kill_pending: None,
                         acked: true,
                     };
                     f.tasks.insert(tid, t);

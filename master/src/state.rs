@@ -153,12 +153,12 @@ impl Master {
         let usage = self
             .agents
             .get(&t.agent_id)
-            .and_then(|a| a.usage.get(&(framework_id.to_string(), t.info.task_id.clone())))
+            .and_then(|a| a.usage.get(&(framework_id.to_string(), t.id.to_string())))
             .map(|u| json!({"cpu_seconds": u.cpu_seconds, "mem_rss_bytes": u.mem_rss_bytes}));
         let status = t.status.as_ref();
         json!({
-            "id": t.info.task_id,
-            "name": t.info.name,
+            "id": t.id,
+            "name": t.name(),
             "framework_id": framework_id,
             "agent_id": t.agent_id,
             "state": t.state.name(),
