@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small per-RPC buffers: see src/codec.rs.
+        .codec_path("crate::codec::LeanCodec")
         .compile_protos(&["proto/corral/v1/corral.proto"], &["proto"])?;
     Ok(())
 }

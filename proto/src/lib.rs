@@ -3,6 +3,7 @@
 //!
 //! This crate does no I/O. Anything that is computed the same way in two components belongs here, once.
 
+pub mod codec;
 pub mod config;
 pub mod health;
 pub mod ids;
