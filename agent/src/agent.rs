@@ -439,9 +439,6 @@ impl Agent {
             limits.clone(),
         );
         self.tasks.insert(key.clone(), run);
-        if let Err(e) = self.checkpoint.save_task(&run_dir, &framework, &info, &cgroup) {
-            warn!(task = %tid, "cannot checkpoint the task: {e}");
-        }
         self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());
 
         let mut spec = self.shim_spec(&fid, &info, &sandbox, &resources);
@@ -452,12 +449,21 @@ impl Agent {
             .collect();
         let isolator = self.isolator.clone();
         let launcher = self.launcher.clone();
+        let checkpoint = self.checkpoint.clone();
         let events = self.events.clone();
+        let run_dir_ = run_dir.clone();
         tokio::spawn(async move {
-            // Creating cgroups blocks (mkdir and writes in every hierarchy): off the actor thread.
-            let prepared = tokio::task::spawn_blocking(move || isolator.prepare(&cgroup, &limits).map_err(|e| e.to_string()))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+            // Checkpointing and creating cgroups block (files, mkdir and writes in every hierarchy): off the actor
+            // thread, so launches proceed in parallel. The task starts only once it is checkpointed, so a restarted
+            // agent knows every task it started.
+            let prepared = tokio::task::spawn_blocking(move || {
+                if let Err(e) = checkpoint.save_task(&run_dir_, &framework, &info, &cgroup) {
+                    warn!(task = %info.task_id, "cannot checkpoint the task: {e}");
+                }
+                isolator.prepare(&cgroup, &limits).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
             spec.cgroup_procs = match prepared {
                 Ok(procs) => procs,
                 Err(e) => {
@@ -504,7 +510,7 @@ impl Agent {
         env.insert("PORTS".into(), ports.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
         env.extend(command.environment.clone());
         ShimSpec {
-            shell: command.shell || command.arguments.is_empty(),
+            shell: needs_shell(&command),
             value: command.value,
             arguments: command.arguments,
             env,
@@ -911,6 +917,41 @@ pub async fn connect_loop(masters: Masters, events: mpsc::UnboundedSender<Event>
         };
         if let Some(pause) = finder.after(&addr, attempt) {
             tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Whether a command runs through `/bin/sh -c`. A shell command does; so does a command without arguments (protobuf
+/// cannot tell an unset `shell` from false, and `{"value": "sleep 600"}` means a command line), unless its value is
+/// a plain path, which runs the same without a shell and one process cheaper.
+fn needs_shell(command: &v1::CommandInfo) -> bool {
+    const SPECIAL: &[char] = &['|', '&', ';', '<', '>', '(', ')', '$', '`', '\\', '"', '\'', '*', '?', '[', ']', '#', '~', '=', '%', '{', '}', '!'];
+    let plain_path = command.value.contains('/') && !command.value.contains(|c: char| c.is_whitespace() || SPECIAL.contains(&c));
+    command.shell || (command.arguments.is_empty() && !plain_path)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(value: &str, shell: bool, arguments: &[&str]) -> v1::CommandInfo {
+        v1::CommandInfo {
+            value: value.into(),
+            shell,
+            arguments: arguments.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_plain_paths_without_arguments_skip_the_shell() {
+        assert!(!needs_shell(&command("/bin/true", false, &[])), "a plain path runs directly");
+        assert!(!needs_shell(&command("./run.sh", false, &[])));
+        assert!(!needs_shell(&command("/bin/echo", false, &["a b"])), "arguments mean exec");
+        assert!(needs_shell(&command("/bin/true", true, &[])), "an explicit shell is kept");
+        for line in ["sleep 600", "true", "/bin/echo $HOME", "/x;rm", "/bin/a|b", "/bin/a>b", "FOO=1 /bin/a", "/bin/t*"] {
+            assert!(needs_shell(&command(line, false, &[])), "{line:?} is a command line");
         }
     }
 }

@@ -44,8 +44,17 @@ impl Launcher {
     }
 
     /// Creates the sandbox (with each volume linked at its container path) and the run dir, starts the shim and
-    /// waits for it to report the task's pid.
+    /// waits for it to report the task's pid. Blocking file work runs off the async workers.
     pub async fn launch(&self, run_dir: &Path, spec: &ShimSpec, volumes: &[(PathBuf, String)]) -> anyhow::Result<Started> {
+        let (dir, spec_, volumes_) = (run_dir.to_path_buf(), spec.clone(), volumes.to_vec());
+        let log = tokio::task::spawn_blocking(move || Self::prepare(&dir, &spec_, &volumes_))
+            .await
+            .map_err(|e| anyhow!("preparing the sandbox panicked: {e}"))??;
+        self.start_shim(run_dir, log).await
+    }
+
+    /// The sandbox, volume links, run dir and shim spec; returns the shim's log file.
+    fn prepare(run_dir: &Path, spec: &ShimSpec, volumes: &[(PathBuf, String)]) -> anyhow::Result<std::fs::File> {
         std::fs::create_dir_all(&spec.sandbox)
             .with_context(|| format!("cannot create sandbox {}", spec.sandbox.display()))?;
         for (target, container_path) in volumes {
@@ -58,8 +67,12 @@ impl Launcher {
                 .with_context(|| format!("cannot link volume {} at {}", target.display(), link.display()))?;
         }
         std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-        shim::write_json_atomic(&run_dir.join(shim::SPEC), spec).context("cannot write the shim spec")?;
-        let log = std::fs::File::create(run_dir.join("shim.log")).context("cannot create shim.log")?;
+        // Read once by the shim we start next; a machine crash before then leaves no task to describe.
+        shim::write_json_visible(&run_dir.join(shim::SPEC), spec).context("cannot write the shim spec")?;
+        std::fs::File::create(run_dir.join("shim.log")).context("cannot create shim.log")
+    }
+
+    async fn start_shim(&self, run_dir: &Path, log: std::fs::File) -> anyhow::Result<Started> {
         let mut child = tokio::process::Command::new(&self.agent_exe)
             .arg("shim")
             .arg("--run-dir")
@@ -99,7 +112,7 @@ impl Launcher {
 
     /// Asks the shim to kill the task: SIGTERM to its process group, SIGKILL after `grace`.
     pub fn kill(&self, run_dir: &Path, shim_pid: u32, grace: Duration) -> anyhow::Result<()> {
-        shim::write_json_atomic(&run_dir.join(shim::KILL), &KillRequest { grace_seconds: grace.as_secs_f64() })?;
+        shim::write_json_visible(&run_dir.join(shim::KILL), &KillRequest { grace_seconds: grace.as_secs_f64() })?;
         kill(Pid::from_raw(shim_pid as i32), Signal::SIGTERM).with_context(|| format!("cannot signal shim {shim_pid}"))
     }
 

@@ -58,12 +58,25 @@ pub const KILL: &str = "kill.json";
 pub const PID: &str = "pid";
 pub const SHIM_PID: &str = "shim.pid";
 
-/// Writes `value` as JSON to `path` atomically (temp file, fsync, rename).
+/// Writes `value` as JSON to `path` atomically (temp file, fsync, rename): it survives a machine crash.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_json(path, value, true)
+}
+
+/// Writes `value` as JSON to `path` so that readers see all of it or nothing (temp file, rename), without waiting
+/// for the disk: for hand-offs between live processes (the shim's spec, a kill request) that mean nothing after
+/// a machine crash.
+pub fn write_json_visible<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_json(path, value, false)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T, durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
 }
 
