@@ -293,15 +293,20 @@ async fn sustained(count: usize, isolation: &'static str) -> anyhow::Result<f64>
     Ok(count as f64 / started.map_or(1.0, |t| t.elapsed().as_secs_f64()))
 }
 
-/// This machine's raw process spawn rate: `/bin/true` spawned and reaped, one loop per core, no corral involved.
-fn raw_spawn_rate(count: usize) -> anyhow::Result<f64> {
+/// How fast this machine spawns and reaps `programs` (each in turn, one loop per core, no corral involved), per
+/// round: `/bin/true` alone is the raw spawn rate; the shim's binary and then `/bin/true` is the floor of any
+/// launch through a per-task shim.
+fn spawn_rate(count: usize, programs: &[(std::path::PathBuf, Option<&'static str>)]) -> anyhow::Result<f64> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
+            let programs = programs.to_vec();
             std::thread::spawn(move || -> std::io::Result<()> {
                 for _ in 0..count / threads {
-                    std::process::Command::new("/bin/true").status()?;
+                    for (program, arg) in &programs {
+                        std::process::Command::new(program).args(arg).stdout(std::process::Stdio::null()).status()?;
+                    }
                 }
                 Ok(())
             })
@@ -321,12 +326,18 @@ async fn launch_both(count: usize) -> anyhow::Result<Vec<Row>> {
     let p50 = |tag: &str| rows.iter().find(|r| r.metric.starts_with(tag) && r.metric.contains("p50")).map(|r| r.value).unwrap_or(0.0);
     let ratio = p50("[cgroups]") / p50("[none]").max(1e-9);
     rows.push(Row { scenario: "launch", metric: "p50 with cgroups / p50 without".into(), value: ratio, unit: "x" });
-    let raw = raw_spawn_rate(count.max(100))?;
+    let true_ = (std::path::PathBuf::from("/bin/true"), None);
+    let raw = spawn_rate(count.max(100), std::slice::from_ref(&true_))?;
     rows.push(Row { scenario: "launch", metric: "raw spawn rate of this machine (/bin/true, one loop per core)".into(), value: raw, unit: "spawns/s" });
+    let shim = (corral_tests::bin("corral-agent"), Some("--version"));
+    let floor = spawn_rate(count.max(100), &[shim, true_])?;
+    let metric = "launch floor: the shim's binary then /bin/true, spawned in turn, one loop per core".into();
+    rows.push(Row { scenario: "launch", metric, value: floor, unit: "pairs/s" });
     for isolation in ["cgroups", "none"] {
         let rate = sustained(count, isolation).await?;
         rows.push(Row { scenario: "launch", metric: format!("[{isolation}] sustained launches, {count} tasks finished"), value: rate, unit: "tasks/s" });
         rows.push(Row { scenario: "launch", metric: format!("[{isolation}] sustained launch rate / raw spawn rate"), value: rate / raw.max(1e-9), unit: "x" });
+        rows.push(Row { scenario: "launch", metric: format!("[{isolation}] sustained launch rate / launch floor"), value: rate / floor.max(1e-9), unit: "x" });
     }
     Ok(rows)
 }
