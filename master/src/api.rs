@@ -3,12 +3,14 @@
 //! no state of their own.
 //!
 //! Whether this master leads is the [`Role`] the election publishes. A follower serves `/health` and its own
-//! `/state`, refuses every gRPC call with UNAVAILABLE and the leader's address in the `corral-leader` metadata, and
-//! redirects every other HTTP request to the leader (307, so writes keep their method and body).
+//! `/state`, refuses every gRPC call with UNAVAILABLE and the leader's address in the `corral-leader` metadata
+//! (a session request first waits briefly for an election under way), and redirects every other HTTP request to
+//! the leader (307, so writes keep their method and body).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Request as HttpRequest, State};
@@ -84,6 +86,16 @@ impl Frontend {
         }
     }
 
+    /// Like [`Frontend::leader`], but while no leader is known (an election is under way) waits up to
+    /// [`ELECTION_WAIT`] for one: a client opening a session learns the new leader (or is served, if this master
+    /// wins) the moment it is elected, instead of pausing and polling. Ends early when this master shuts down.
+    async fn leader_after_election(&self) -> Result<MasterHandle, Status> {
+        let mut role = self.role.clone();
+        let electing = |r: &Role| matches!(r, Role::Following { leader: None });
+        let _ = tokio::time::timeout(ELECTION_WAIT, role.wait_for(|r| !electing(r))).await;
+        self.leader()
+    }
+
     fn is_leading(&self) -> bool {
         matches!(&*self.role.borrow(), Role::Leading(_))
     }
@@ -99,6 +111,9 @@ impl Frontend {
         self.leader()?.call(header, call).await
     }
 }
+
+/// How long a session request waits at a master that knows no leader; well within clients' 3 s connect timeout.
+const ELECTION_WAIT: Duration = Duration::from_secs(1);
 
 /// A follower's refusal: UNAVAILABLE, with the leader's address in the message and in `corral-leader` metadata
 /// (its term in `corral-leader-term`).
@@ -127,7 +142,7 @@ impl scheduler_server::Scheduler for Frontend {
             .framework_info
             .ok_or_else(|| Status::invalid_argument("SUBSCRIBE: framework_info is required"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.leader()?.ask(|reply| Command::Subscribe { info, tx, reply }).await??;
+        self.leader_after_election().await?.ask(|reply| Command::Subscribe { info, tx, reply }).await??;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
@@ -184,7 +199,7 @@ impl agent_service_server::AgentService for Frontend {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<MasterMessageStream>, Status> {
-        let master = self.leader()?.tx;
+        let master = self.leader_after_election().await?.tx;
         let mut inbound = request.into_inner();
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();

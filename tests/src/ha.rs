@@ -242,7 +242,8 @@ impl HaCluster {
                 }
                 last = state;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Finely: the failover bench times re-registration with this.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("timed out waiting for {what}; last leader state:\n{last:#}\n{}", self.logs());
     }
