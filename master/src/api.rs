@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Request as HttpRequest, State};
+use axum::extract::{RawQuery, Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response as HttpResponse};
@@ -26,6 +26,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::master::{Call, Command};
+use crate::state::{TaskFilter, View};
 
 /// A cloneable handle to the master actor of the current leadership term.
 #[derive(Clone)]
@@ -53,6 +54,11 @@ impl MasterHandle {
     /// The master's `/state` document.
     pub async fn state(&self) -> Result<serde_json::Value, Status> {
         self.ask(|reply| Command::State { reply }).await
+    }
+
+    /// One part of the state.
+    pub async fn view(&self, view: View) -> Result<serde_json::Value, Status> {
+        self.ask(|reply| Command::View { view, reply }).await
     }
 }
 
@@ -228,6 +234,10 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/state", axum::routing::get(state))
+        .route("/state/agents", axum::routing::get(async |f: State<Frontend>| view(f, View::Agents).await))
+        .route("/state/frameworks", axum::routing::get(async |f: State<Frontend>| view(f, View::Frameworks).await))
+        .route("/state/roles", axum::routing::get(async |f: State<Frontend>| view(f, View::Roles).await))
+        .route("/state/tasks", axum::routing::get(tasks))
         .with_state(frontend)
 }
 
@@ -257,6 +267,33 @@ async fn redirect_to_leader(State(frontend): State<Frontend>, request: HttpReque
 
 fn error(code: StatusCode, message: &str) -> HttpResponse {
     (code, Json(serde_json::json!({"error": message}))).into_response()
+}
+
+/// 400 naming the offending field.
+fn bad_field(field: &str, message: &str) -> HttpResponse {
+    (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": format!("{field}: {message}"), "field": field})))
+        .into_response()
+}
+
+async fn view(State(frontend): State<Frontend>, view: View) -> HttpResponse {
+    let answer = async { frontend.leader()?.view(view).await };
+    match answer.await {
+        Ok(value) => Json(value).into_response(),
+        // The term ended while we asked: the client retries and is sent to the new leader.
+        Err(status) => error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
+    }
+}
+
+/// `/state/tasks?state=&framework=&agent=&offset=&limit=`: one page of the matching tasks and their total.
+async fn tasks(frontend: State<Frontend>, RawQuery(query): RawQuery) -> HttpResponse {
+    let params: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
+        Ok(params) => params,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("malformed query string: {e}")),
+    };
+    match TaskFilter::parse(params.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        Ok(filter) => view(frontend, View::Tasks(filter)).await,
+        Err((field, message)) => bad_field(&field, &message),
+    }
 }
 
 async fn health(State(frontend): State<Frontend>) -> impl IntoResponse {

@@ -84,6 +84,8 @@ pub enum Command {
     AgentMessage { conn: u64, message: v1::AgentMessage, tx: AgentSender },
     AgentClosed { conn: u64 },
     State { reply: oneshot::Sender<serde_json::Value> },
+    /// One part of the state (`/state/agents`, …).
+    View { view: crate::state::View, reply: oneshot::Sender<serde_json::Value> },
     /// End the term: drop every stream and stop.
     Stop,
 }
@@ -473,6 +475,9 @@ impl Master {
             Command::State { reply } => {
                 let _ = reply.send(self.state_json());
             }
+            Command::View { view, reply } => {
+                let _ = reply.send(self.view_json(&view));
+            }
             // Ends the term: the loop stops before the next step.
             Command::Stop => self.deposed = true,
         }
@@ -610,7 +615,7 @@ impl Master {
             warn!(framework = %id, "could not remove framework from the registry: {}", e.message());
         }
         self.completed_framework_ids.insert(id.clone());
-        let summary = self.framework_json(id, &f, false);
+        let summary = self.framework_json(id, &f, false, true);
         if self.completed_frameworks.len() >= MAX_COMPLETED_FRAMEWORKS {
             self.completed_frameworks.pop_front();
         }

@@ -1,13 +1,131 @@
 //! `/state`: the master's view as JSON, in the shape Mesos' `/state` made familiar (agents, frameworks with their
 //! tasks, completed frameworks, roles, totals). Rendered inside the actor from its own state; read-only.
 
-use corral_proto::{FrameworkId, Resources};
+use std::collections::HashMap;
+
+use corral_proto::v1::TaskState;
+use corral_proto::{AgentId, FrameworkId, Resources};
 use serde_json::{Value, json};
 
 use crate::master::{AgentState, Framework, Master, Task};
 
+/// A part of the state served on its own (`/state/agents`, `/state/frameworks`, `/state/roles`, `/state/tasks`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum View {
+    Agents,
+    Frameworks,
+    Roles,
+    Tasks(TaskFilter),
+}
+
+/// Which tasks `/state/tasks` lists, and which page of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub framework: Option<FrameworkId>,
+    pub agent: Option<AgentId>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl TaskFilter {
+    pub const DEFAULT_LIMIT: usize = 100;
+    pub const MAX_LIMIT: usize = 10_000;
+
+    /// Parses `/state/tasks` query parameters; the error names the parameter (`field`) and what is wrong.
+    pub fn parse<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TaskFilter, (String, String)> {
+        let mut filter = TaskFilter { state: None, framework: None, agent: None, offset: 0, limit: Self::DEFAULT_LIMIT };
+        for (key, value) in params {
+            let bad = |why: String| (key.to_string(), why);
+            match key {
+                "state" => {
+                    let upper = value.to_ascii_uppercase();
+                    let name = if upper.starts_with("TASK_") { upper } else { format!("TASK_{upper}") };
+                    let state = TaskState::from_str_name(&name)
+                        .filter(|s| *s != TaskState::Unspecified)
+                        .ok_or_else(|| bad(format!("{value:?} is not a task state (e.g. TASK_RUNNING or running)")))?;
+                    filter.state = Some(state);
+                }
+                "framework" => filter.framework = Some(FrameworkId::new(value).map_err(|e| bad(e.to_string()))?),
+                "agent" => filter.agent = Some(AgentId::new(value).map_err(|e| bad(e.to_string()))?),
+                "offset" => filter.offset = value.parse().map_err(|_| bad(format!("{value:?} is not a whole number")))?,
+                "limit" => {
+                    let limit: usize = value.parse().map_err(|_| bad(format!("{value:?} is not a whole number")))?;
+                    if !(1..=Self::MAX_LIMIT).contains(&limit) {
+                        return Err(bad(format!("must be between 1 and {}, not {limit}", Self::MAX_LIMIT)));
+                    }
+                    filter.limit = limit;
+                }
+                _ => return Err(bad("unknown parameter; use state, framework, agent, offset or limit".into())),
+            }
+        }
+        Ok(filter)
+    }
+
+    fn matches(&self, framework_id: &FrameworkId, t: &Task) -> bool {
+        self.state.is_none_or(|s| s == t.state)
+            && self.framework.as_ref().is_none_or(|f| f == framework_id)
+            && self.agent.as_ref().is_none_or(|a| *a == t.agent_id)
+    }
+}
+
+/// What every agent has in use and on offer, summed in one pass over tasks and offers.
+struct AgentSums<'a> {
+    used: HashMap<&'a AgentId, Resources>,
+    offered: HashMap<&'a AgentId, Resources>,
+}
+
 impl Master {
     pub(crate) fn state_json(&self) -> Value {
+        let (agents, totals) = self.agents_json();
+        json!({
+            "version": corral_proto::VERSION,
+            "address": self.config.advertise,
+            "leader": self.config.advertise,
+            "is_leader": true,
+            "start_time": self.start_time,
+            "elected_time": self.start_time,
+            "agents": agents,
+            "frameworks": self.frameworks_json(true),
+            "completed_frameworks": self.completed_frameworks,
+            "roles": self.roles_json(),
+            "totals": totals,
+            "outstanding_offers": self.offers.len(),
+        })
+    }
+
+    pub(crate) fn view_json(&self, view: &View) -> Value {
+        match view {
+            View::Agents => {
+                let (agents, totals) = self.agents_json();
+                json!({"agents": agents, "totals": totals})
+            }
+            View::Frameworks => json!({
+                "frameworks": self.frameworks_json(false),
+                "completed_frameworks": self.completed_frameworks,
+            }),
+            View::Roles => json!({"roles": self.roles_json()}),
+            View::Tasks(filter) => self.tasks_json(filter),
+        }
+    }
+
+    fn agent_sums(&self) -> AgentSums<'_> {
+        let mut sums = AgentSums { used: HashMap::new(), offered: HashMap::new() };
+        for f in self.frameworks.values() {
+            for t in f.tasks.values().filter(|t| !t.state.is_terminal()) {
+                sums.used.entry(&t.agent_id).or_default().add(&t.resources);
+            }
+        }
+        for o in self.offers.values() {
+            sums.offered.entry(&o.agent_id).or_default().add(&o.resources);
+        }
+        sums
+    }
+
+    /// Every agent (sorted by id), and the cluster totals over live agents.
+    fn agents_json(&self) -> (Vec<Value>, Value) {
+        let sums = self.agent_sums();
+        let none = Resources::new();
         let mut agents: Vec<_> = self.agents.iter().collect();
         agents.sort_by(|a, b| a.0.cmp(b.0));
         let mut total = Resources::new();
@@ -16,23 +134,12 @@ impl Master {
         let agents_json: Vec<Value> = agents
             .into_iter()
             .map(|(id, a)| {
-                let mut agent_used = Resources::new();
-                for (fid, tid) in &a.tasks {
-                    if let Some(t) = self.frameworks.get(fid).and_then(|f| f.tasks.get(tid))
-                        && !t.state.is_terminal()
-                    {
-                        agent_used.add(&t.resources);
-                    }
-                }
-                let mut agent_offered = Resources::new();
-                for o in self.offers.values().filter(|o| &o.agent_id == id) {
-                    agent_offered.add(&o.resources);
-                }
-                let live = matches!(a.state, AgentState::Registered | AgentState::Disconnected);
-                if live {
+                let agent_used = sums.used.get(id).unwrap_or(&none);
+                let agent_offered = sums.offered.get(id).unwrap_or(&none);
+                if matches!(a.state, AgentState::Registered | AgentState::Disconnected) {
                     total.add(&a.total);
-                    used.add(&agent_used);
-                    offered.add(&agent_offered);
+                    used.add(agent_used);
+                    offered.add(agent_offered);
                 }
                 let reserved: serde_json::Map<String, Value> = a
                     .total
@@ -67,60 +174,77 @@ impl Master {
                 })
             })
             .collect();
-        let mut frameworks: Vec<_> = self.frameworks.iter().collect();
-        frameworks.sort_by(|a, b| a.0.cmp(b.0));
-        let frameworks_json: Vec<Value> = frameworks.into_iter().map(|(id, f)| self.framework_json(id, f, true)).collect();
         let mut free = total.clone();
         free.subtract(&used);
         free.subtract(&offered);
-        let roles: Vec<Value> = self
-            .allocator
+        let totals = json!({
+            "total": total.to_json_summary(),
+            "used": used.to_json_summary(),
+            "offered": offered.to_json_summary(),
+            "free": free.to_json_summary(),
+        });
+        (agents_json, totals)
+    }
+
+    /// Every framework (sorted by id), with its tasks when `with_tasks` (`/state/tasks` pages them otherwise).
+    fn frameworks_json(&self, with_tasks: bool) -> Vec<Value> {
+        let mut frameworks: Vec<_> = self.frameworks.iter().collect();
+        frameworks.sort_by(|a, b| a.0.cmp(b.0));
+        frameworks.into_iter().map(|(id, f)| self.framework_json(id, f, true, with_tasks)).collect()
+    }
+
+    fn roles_json(&self) -> Vec<Value> {
+        let mut allocated: HashMap<&str, Resources> = HashMap::new();
+        let mut members: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (id, f) in &self.frameworks {
+            for role in &f.info.roles {
+                members.entry(role).or_default().push(id.as_str());
+            }
+            for t in f.tasks.values().filter(|t| !t.state.is_terminal()) {
+                allocated.entry(&t.role).or_default().add(&t.resources);
+            }
+        }
+        self.allocator
             .roles()
             .into_iter()
             .map(|role| {
-                let members: Vec<&str> = self
-                    .frameworks
-                    .iter()
-                    .filter(|(_, f)| f.info.roles.contains(&role))
-                    .map(|(id, _)| id.as_str())
-                    .collect();
-                let mut allocated = Resources::new();
-                for f in self.frameworks.values() {
-                    for t in f.tasks.values().filter(|t| t.role == role && !t.state.is_terminal()) {
-                        allocated.add(&t.resources);
-                    }
-                }
+                let mut frameworks = members.get(role.as_str()).cloned().unwrap_or_default();
+                frameworks.sort_unstable();
+                let quota = self.allocator.quota(&role);
                 json!({
                     "name": role,
                     "weight": self.allocator.weight(&role),
                     "share": self.allocator.role_share(&role),
-                    "frameworks": members,
-                    "allocated": allocated.to_json_summary(),
+                    "frameworks": frameworks,
+                    "allocated": allocated.get(role.as_str()).cloned().unwrap_or_default().to_json_summary(),
+                    "quota": {
+                        "guarantee": quota.guarantee.to_json_summary(),
+                        "limit": quota.limit.to_json_summary(),
+                    },
                 })
             })
-            .collect();
-        json!({
-            "version": corral_proto::VERSION,
-            "address": self.config.advertise,
-            "leader": self.config.advertise,
-            "is_leader": true,
-            "start_time": self.start_time,
-            "elected_time": self.start_time,
-            "agents": agents_json,
-            "frameworks": frameworks_json,
-            "completed_frameworks": self.completed_frameworks,
-            "roles": roles,
-            "totals": {
-                "total": total.to_json_summary(),
-                "used": used.to_json_summary(),
-                "offered": offered.to_json_summary(),
-                "free": free.to_json_summary(),
-            },
-            "outstanding_offers": self.offers.len(),
-        })
+            .collect()
     }
 
-    pub(crate) fn framework_json(&self, id: &FrameworkId, f: &Framework, active: bool) -> Value {
+    /// One page of the tasks `filter` selects, by framework id then task id (active before completed).
+    fn tasks_json(&self, filter: &TaskFilter) -> Value {
+        let mut frameworks: Vec<_> = self.frameworks.iter().collect();
+        frameworks.sort_by(|a, b| a.0.cmp(b.0));
+        let matching = frameworks.into_iter().flat_map(|(id, f)| {
+            f.tasks.values().chain(f.completed_tasks.iter()).filter(move |t| filter.matches(id, t)).map(move |t| (id, t))
+        });
+        let mut total = 0;
+        let mut page = Vec::new();
+        for (id, t) in matching {
+            if total >= filter.offset && page.len() < filter.limit {
+                page.push(self.task_json(id, t));
+            }
+            total += 1;
+        }
+        json!({"tasks": page, "total": total, "offset": filter.offset, "limit": filter.limit})
+    }
+
+    pub(crate) fn framework_json(&self, id: &FrameworkId, f: &Framework, active: bool, with_tasks: bool) -> Value {
         let mut used = Resources::new();
         for t in f.tasks.values().filter(|t| !t.state.is_terminal()) {
             used.add(&t.resources);
@@ -131,7 +255,7 @@ impl Master {
                 offered.add(&o.resources);
             }
         }
-        json!({
+        let mut out = json!({
             "id": id,
             "name": f.info.name,
             "roles": f.info.roles,
@@ -144,9 +268,14 @@ impl Master {
             "used_resources": used.to_json_summary(),
             "offered_resources": offered.to_json_summary(),
             "offers": f.offers.len(),
-            "tasks": f.tasks.values().map(|t| self.task_json(id, t)).collect::<Vec<_>>(),
-            "completed_tasks": f.completed_tasks.iter().map(|t| self.task_json(id, t)).collect::<Vec<_>>(),
-        })
+            "task_count": f.tasks.len(),
+            "completed_task_count": f.completed_tasks.len(),
+        });
+        if with_tasks {
+            out["tasks"] = f.tasks.values().map(|t| self.task_json(id, t)).collect();
+            out["completed_tasks"] = f.completed_tasks.iter().map(|t| self.task_json(id, t)).collect();
+        }
+        out
     }
 
     fn task_json(&self, framework_id: &FrameworkId, t: &Task) -> Value {

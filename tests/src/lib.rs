@@ -262,6 +262,13 @@ impl Cluster {
     }
 
     /// GET on an agent's HTTP API (agent by id from `/state`).
+    /// GET on the master: status code and JSON body (Null when the body is not JSON).
+    pub async fn master_get(&self, path_and_query: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path_and_query}", self.master_url())).send().await.expect("master GET");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn agent_get(&self, agent_id: &str, path_and_query: &str) -> (u16, Value) {
         let state = self.state().await;
         let agent = state["agents"]

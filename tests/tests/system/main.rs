@@ -1,6 +1,7 @@
 //! System scenarios, one test binary: real master and agent processes, real task processes in real cgroups,
 //! frameworks on the real SDK.
 
+mod api;
 mod foundation;
 mod ha;
 mod isolation;

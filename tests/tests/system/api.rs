@@ -1,0 +1,79 @@
+//! The operator REST API on the master: state views, filters, paging and bad input.
+
+use corral_proto::v1::TaskState;
+use corral_sdk::{OfferPool, Resources, TaskBuilder};
+use corral_tests::{Cluster, ClusterSpec, TestFramework};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_views_list_agents_frameworks_roles_and_filtered_pages_of_tasks() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("api", "*", 60.0)).await;
+    let offer = fw.offers().await.remove(0);
+    let mut pool = OfferPool::new(&offer).unwrap();
+    let small = Resources::parse("cpus:0.1;mem:16").unwrap();
+    let task = |id: &str, cmd: &str, pool: &mut OfferPool| TaskBuilder::new(id).shell(cmd).resources(&pool.take(&small, 0).unwrap()).build();
+    let tasks = vec![task("a1", "sleep 600", &mut pool), task("a2", "sleep 600", &mut pool), task("a3", "true", &mut pool)];
+    fw.driver.launch(&offer, tasks).await.unwrap();
+    fw.wait_update("a1", TaskState::TaskRunning).await;
+    fw.wait_update("a2", TaskState::TaskRunning).await;
+    fw.wait_update("a3", TaskState::TaskFinished).await;
+    let fid = fw.framework_id.clone();
+    let agent = offer.agent_id.clone();
+    // The finished task moves to the completed list once its update is acknowledged.
+    cluster.wait_state("a3 completed", |s| Cluster::find_task(s, "a3").is_some_and(|t| t["state"] == "TASK_FINISHED")).await;
+
+    let (code, agents) = cluster.master_get("/state/agents").await;
+    assert_eq!(code, 200);
+    assert_eq!(agents["agents"].as_array().unwrap().len(), 1);
+    assert_eq!(agents["agents"][0]["id"], agent.as_str());
+    assert_eq!(agents["agents"][0]["used_resources"]["cpus"], 0.2, "two running tasks of 0.1 cpus");
+    assert_eq!(agents["totals"]["used"]["cpus"], 0.2);
+
+    let (code, frameworks) = cluster.master_get("/state/frameworks").await;
+    assert_eq!(code, 200);
+    let f = &frameworks["frameworks"][0];
+    assert_eq!(f["id"], fid.as_str());
+    assert_eq!(f["task_count"], 2);
+    assert_eq!(f["completed_task_count"], 1);
+    assert!(f.get("tasks").is_none(), "tasks are paged by /state/tasks, not inlined: {f}");
+
+    let (code, roles) = cluster.master_get("/state/roles").await;
+    assert_eq!(code, 200);
+    let star = roles["roles"].as_array().unwrap().iter().find(|r| r["name"] == "*").expect("role *");
+    assert_eq!(star["frameworks"], serde_json::json!([fid.as_str()]));
+    assert_eq!(star["allocated"]["cpus"], 0.2);
+
+    let ids = |v: &Value| v["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (code, all) = cluster.master_get("/state/tasks").await;
+    assert_eq!(code, 200);
+    assert_eq!((all["total"].as_u64(), ids(&all)), (Some(3), vec!["a1".to_string(), "a2".into(), "a3".into()]));
+    let (_, running) = cluster.master_get("/state/tasks?state=running").await;
+    assert_eq!((running["total"].as_u64(), ids(&running)), (Some(2), vec!["a1".to_string(), "a2".into()]));
+    let (_, finished) = cluster.master_get("/state/tasks?state=TASK_FINISHED").await;
+    assert_eq!(ids(&finished), vec!["a3".to_string()]);
+    let (_, page) = cluster.master_get("/state/tasks?offset=1&limit=1").await;
+    assert_eq!((page["total"].as_u64(), ids(&page)), (Some(3), vec!["a2".to_string()]));
+    let (_, mine) = cluster.master_get(&format!("/state/tasks?framework={fid}&agent={agent}&limit=10")).await;
+    assert_eq!(mine["total"], 3);
+    let (_, none) = cluster.master_get("/state/tasks?framework=someone-else").await;
+    assert_eq!((none["total"].as_u64(), ids(&none).len()), (Some(0), 0));
+
+    // Bad input: 400 naming the parameter, and nothing else changes.
+    for (query, field) in [
+        ("state=bogus", "state"),
+        ("state=", "state"),
+        ("limit=0", "limit"),
+        ("limit=100000", "limit"),
+        ("offset=-1", "offset"),
+        ("agent=../x", "agent"),
+        ("frame=x", "frame"),
+    ] {
+        let (code, body) = cluster.master_get(&format!("/state/tasks?{query}")).await;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert_eq!(body["field"], field, "{query}: {body}");
+        assert!(body["error"].as_str().unwrap().starts_with(&format!("{field}: ")), "{query}: {body}");
+    }
+    let (_, after) = cluster.master_get("/state/tasks").await;
+    assert_eq!(after["total"], 3);
+}
