@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{RawQuery, Request as HttpRequest, State};
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response as HttpResponse};
@@ -25,7 +26,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::master::{Call, Command};
+use crate::allocator::Quota;
+use crate::master::{Call, Command, OperatorError, Operation};
+use corral_proto::{FrameworkId, Resources};
 use crate::state::{TaskFilter, View};
 
 /// A cloneable handle to the master actor of the current leadership term.
@@ -59,6 +62,11 @@ impl MasterHandle {
     /// One part of the state.
     pub async fn view(&self, view: View) -> Result<serde_json::Value, Status> {
         self.ask(|reply| Command::View { view, reply }).await
+    }
+
+    /// An operator's write.
+    pub async fn operate(&self, op: Operation) -> Result<Result<serde_json::Value, OperatorError>, Status> {
+        self.ask(|reply| Command::Operate { op, reply }).await
     }
 }
 
@@ -238,6 +246,9 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
         .route("/state/frameworks", axum::routing::get(async |f: State<Frontend>| view(f, View::Frameworks).await))
         .route("/state/roles", axum::routing::get(async |f: State<Frontend>| view(f, View::Roles).await))
         .route("/state/tasks", axum::routing::get(tasks))
+        .route("/api/v1/roles/{role}/weight", axum::routing::put(set_weight))
+        .route("/api/v1/roles/{role}/quota", axum::routing::put(set_quota).delete(remove_quota))
+        .route("/api/v1/frameworks/{id}/teardown", axum::routing::post(teardown))
         .with_state(frontend)
 }
 
@@ -282,6 +293,88 @@ async fn view(State(frontend): State<Frontend>, view: View) -> HttpResponse {
         // The term ended while we asked: the client retries and is sent to the new leader.
         Err(status) => error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
     }
+}
+
+/// Sends an operator's write to the leader and answers with its result or a JSON error.
+async fn operate(frontend: &Frontend, op: Result<Operation, OperatorError>) -> HttpResponse {
+    let op = match op {
+        Ok(op) => op,
+        Err(e) => return operator_error(e),
+    };
+    match async { frontend.leader()?.operate(op).await }.await {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(e)) => operator_error(e),
+        Err(status) => error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
+    }
+}
+
+fn operator_error(e: OperatorError) -> HttpResponse {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_REQUEST);
+    match e.field {
+        Some(field) => (code, Json(serde_json::json!({"error": format!("{field}: {}", e.message), "field": field}))).into_response(),
+        None => error(code, &e.message),
+    }
+}
+
+/// A write's JSON body as an object, or an error naming what is wrong with it.
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, OperatorError> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(other) => Err(OperatorError::bad("body", format!("expected a JSON object, got {other}"))),
+        Err(e) => Err(OperatorError::bad("body", format!("malformed JSON: {e}"))),
+    }
+}
+
+fn role_name(role: &str) -> Result<String, OperatorError> {
+    corral_proto::resources::validate_role(role).map_err(|e| OperatorError::bad("role", e))?;
+    Ok(role.to_string())
+}
+
+/// `PUT /api/v1/roles/{role}/weight` with `{"weight": 2.5}`.
+async fn set_weight(State(frontend): State<Frontend>, Path(role): Path<String>, body: Bytes) -> HttpResponse {
+    let op = (|| {
+        let role = role_name(&role)?;
+        let weight = json_object(&body)?
+            .get("weight")
+            .ok_or_else(|| OperatorError::bad("weight", "missing"))?
+            .as_f64()
+            .ok_or_else(|| OperatorError::bad("weight", "must be a number"))?;
+        Ok(Operation::SetWeight { role, weight })
+    })();
+    operate(&frontend, op).await
+}
+
+/// `PUT /api/v1/roles/{role}/quota` with `{"guarantee": "cpus:2;mem:4096", "limit": "cpus:4;mem:8192"}` (either may
+/// be left out: no guarantee, no limit).
+async fn set_quota(State(frontend): State<Frontend>, Path(role): Path<String>, body: Bytes) -> HttpResponse {
+    let op = (|| {
+        let role = role_name(&role)?;
+        let body = json_object(&body)?;
+        if let Some(unknown) = body.keys().find(|k| !matches!(k.as_str(), "guarantee" | "limit")) {
+            return Err(OperatorError::bad("body", format!("unknown field {unknown:?}; use guarantee and limit")));
+        }
+        let resources = |field: &'static str| -> Result<Resources, OperatorError> {
+            match body.get(field) {
+                None | Some(serde_json::Value::Null) => Ok(Resources::new()),
+                Some(serde_json::Value::String(text)) => Resources::parse(text).map_err(|e| OperatorError::bad(field, e.to_string())),
+                Some(other) => Err(OperatorError::bad(field, format!("must be a resource string like \"cpus:2;mem:1024\", not {other}"))),
+            }
+        };
+        let quota = Quota { guarantee: resources("guarantee")?, limit: resources("limit")? };
+        Ok(Operation::SetQuota { role, quota })
+    })();
+    operate(&frontend, op).await
+}
+
+/// `DELETE /api/v1/roles/{role}/quota`.
+async fn remove_quota(State(frontend): State<Frontend>, Path(role): Path<String>) -> HttpResponse {
+    operate(&frontend, role_name(&role).map(|role| Operation::RemoveQuota { role })).await
+}
+
+/// `POST /api/v1/frameworks/{id}/teardown`: kills the framework's tasks and removes it.
+async fn teardown(State(frontend): State<Frontend>, Path(id): Path<String>) -> HttpResponse {
+    let op = FrameworkId::new(id).map_err(|e| OperatorError::bad("framework", e.to_string()));
+    operate(&frontend, op.map(|framework| Operation::Teardown { framework })).await
 }
 
 /// `/state/tasks?state=&framework=&agent=&offset=&limit=`: one page of the matching tasks and their total.

@@ -22,9 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use crate::allocator::{Allocation, Allocator, AllocatorConfig};
+use crate::allocator::{Allocation, Allocator, AllocatorConfig, Quota};
 use crate::election::Leadership;
-use crate::registry::{AgentRecord, Change, FrameworkRecord, Registry, RegistryError};
+use crate::registry::{AgentRecord, Change, FrameworkRecord, QuotaRecord, Registry, RegistryError};
 
 /// Where a framework's events go (the server side of its Subscribe stream).
 pub type EventSender = mpsc::UnboundedSender<Result<v1::Event, Status>>;
@@ -86,8 +86,37 @@ pub enum Command {
     State { reply: oneshot::Sender<serde_json::Value> },
     /// One part of the state (`/state/agents`, …).
     View { view: crate::state::View, reply: oneshot::Sender<serde_json::Value> },
+    /// An operator's write (`/api/v1/…`).
+    Operate { op: Operation, reply: oneshot::Sender<Result<serde_json::Value, OperatorError>> },
     /// End the term: drop every stream and stop.
     Stop,
+}
+
+/// An operator's write through `/api/v1`; the edge has parsed it, the actor validates it against the state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    SetWeight { role: String, weight: f64 },
+    SetQuota { role: String, quota: Quota },
+    RemoveQuota { role: String },
+    Teardown { framework: FrameworkId },
+}
+
+/// Why an operator write was refused: the HTTP status, what is wrong, and the request field at fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorError {
+    pub code: u16,
+    pub message: String,
+    pub field: Option<&'static str>,
+}
+
+impl OperatorError {
+    pub fn bad(field: &'static str, message: impl Into<String>) -> Self {
+        OperatorError { code: 400, message: message.into(), field: Some(field) }
+    }
+
+    fn unavailable(status: Status) -> Self {
+        OperatorError { code: 503, message: status.message().to_string(), field: None }
+    }
 }
 
 /// A unary scheduler call.
@@ -297,6 +326,13 @@ impl Master {
         for (role, weight) in stored.weights.iter().map(|(r, w)| (r.clone(), *w)).chain(config.weights.clone()) {
             allocator.set_weight(&role, weight)?;
         }
+        for (role, record) in &stored.quotas {
+            let parse = |text: &str| Resources::parse(text).map_err(|e| e.to_string());
+            let quota = parse(&record.guarantee).and_then(|guarantee| Ok(Quota { guarantee, limit: parse(&record.limit)? }));
+            if let Err(e) = quota.and_then(|q| allocator.set_quota(role, q).map_err(|e| e.to_string())) {
+                warn!(role, "ignoring the stored quota: {e}");
+            }
+        }
         let now = Instant::now();
         let mut master = Master {
             config,
@@ -478,6 +514,10 @@ impl Master {
             Command::View { view, reply } => {
                 let _ = reply.send(self.view_json(&view));
             }
+            Command::Operate { op, reply } => {
+                let result = self.operate(op).await;
+                let _ = reply.send(result);
+            }
             // Ends the term: the loop stops before the next step.
             Command::Stop => self.deposed = true,
         }
@@ -585,6 +625,47 @@ impl Master {
     }
 
     /// Tears a framework down: kills its tasks, forgets its offers and allocations, removes it from the registry.
+    /// Applies an operator's write: validated first, stored in the registry, then applied, so a refused or failed
+    /// write changes nothing.
+    async fn operate(&mut self, op: Operation) -> Result<serde_json::Value, OperatorError> {
+        match op {
+            Operation::SetWeight { role, weight } => {
+                if !(weight.is_finite() && weight > 0.0) {
+                    return Err(OperatorError::bad("weight", format!("must be a positive number, not {weight}")));
+                }
+                self.write(vec![Change::SetWeight(role.clone(), weight)]).await.map_err(OperatorError::unavailable)?;
+                self.allocator.set_weight(&role, weight).expect("validated above");
+                info!(role, weight, "role weight set by the operator");
+                Ok(serde_json::json!({"role": role, "weight": weight}))
+            }
+            Operation::SetQuota { role, quota } => {
+                quota.validate().map_err(|reason| OperatorError::bad("quota", reason))?;
+                let record = QuotaRecord { guarantee: quota.guarantee.to_string(), limit: quota.limit.to_string() };
+                self.write(vec![Change::SetQuota(role.clone(), record)]).await.map_err(OperatorError::unavailable)?;
+                self.allocator.set_quota(&role, quota.clone()).expect("validated above");
+                info!(role, guarantee = %quota.guarantee, limit = %quota.limit, "role quota set by the operator");
+                Ok(serde_json::json!({
+                    "role": role,
+                    "guarantee": quota.guarantee.to_json_summary(),
+                    "limit": quota.limit.to_json_summary(),
+                }))
+            }
+            Operation::RemoveQuota { role } => {
+                self.write(vec![Change::RemoveQuota(role.clone())]).await.map_err(OperatorError::unavailable)?;
+                self.allocator.set_quota(&role, Quota::default()).expect("no quota is valid");
+                info!(role, "role quota removed by the operator");
+                Ok(serde_json::json!({"role": role}))
+            }
+            Operation::Teardown { framework } => {
+                if !self.frameworks.contains_key(&framework) {
+                    return Err(OperatorError { code: 404, message: format!("no framework {framework}"), field: Some("framework") });
+                }
+                self.remove_framework(&framework, "torn down by the operator").await;
+                Ok(serde_json::json!({"framework": framework}))
+            }
+        }
+    }
+
     async fn remove_framework(&mut self, id: &FrameworkId, why: &str) {
         self.rescind_framework_offers(id, false);
         let Some(mut f) = self.frameworks.remove(id) else { return };

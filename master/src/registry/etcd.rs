@@ -56,6 +56,8 @@ fn keyed_writes(prefix: &str, changes: Vec<Change>) -> BTreeMap<String, Option<S
             Change::PutAgent(a) => (key("agents", &a.id), Some(json(serde_json::to_string(&a)))),
             Change::RemoveAgent(id) => (key("agents", &id), None),
             Change::SetWeight(role, w) => (key("weights", &role), Some(json(serde_json::to_string(&w)))),
+            Change::SetQuota(role, q) => (key("quotas", &role), Some(json(serde_json::to_string(&q)))),
+            Change::RemoveQuota(role) => (key("quotas", &role), None),
         };
         writes.insert(key, value);
     }
@@ -86,6 +88,9 @@ impl Registry for EtcdRegistry {
                 }
                 "weights" => {
                     state.weights.insert(id.to_string(), parse(&key, kv.value())?);
+                }
+                "quotas" => {
+                    state.quotas.insert(id.to_string(), parse(&key, kv.value())?);
                 }
                 _ => tracing::warn!(key, "ignoring an unknown registry key"),
             }
@@ -119,7 +124,7 @@ impl Registry for EtcdRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::AgentRecord;
+    use crate::registry::{AgentRecord, QuotaRecord};
 
     #[test]
     fn later_changes_to_a_key_win_within_one_write() {
@@ -134,9 +139,13 @@ mod tests {
             Change::PutAgent(agent),
             Change::SetWeight("web".into(), 2.0),
             Change::RemoveAgent("a1".into()),
+            Change::SetQuota("web".into(), QuotaRecord { guarantee: "cpus:1".into(), limit: String::new() }),
+            Change::RemoveQuota("batch".into()),
         ]);
-        assert_eq!(writes.len(), 2);
+        assert_eq!(writes.len(), 4);
         assert_eq!(writes["/c/registry/agents/a1"], None);
         assert_eq!(writes["/c/registry/weights/web"].as_deref(), Some("2.0"));
+        assert_eq!(writes["/c/registry/quotas/web"].as_deref(), Some(r#"{"guarantee":"cpus:1","limit":""}"#));
+        assert_eq!(writes["/c/registry/quotas/batch"], None);
     }
 }

@@ -1,5 +1,5 @@
 //! The registry: what the master must remember across restarts and failovers — framework infos, admitted agents,
-//! role weights. Tasks are deliberately absent: agents are their source of truth and report them on
+//! role weights and quotas. Tasks are deliberately absent: agents are their source of truth and report them on
 //! re-registration, which keeps registry writes off the launch path.
 //!
 //! Backends sit behind [`Registry`]: `file:DIR`, the embedded default for a single master (a JSON snapshot plus an
@@ -41,6 +41,15 @@ pub struct AgentRecord {
     pub registered_time: f64,
 }
 
+/// A role's quota as the registry stores it: operator text forms (`cpus:2;mem:1024`), empty for none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuotaRecord {
+    #[serde(default)]
+    pub guarantee: String,
+    #[serde(default)]
+    pub limit: String,
+}
+
 /// Everything the registry holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RegistryState {
@@ -50,6 +59,8 @@ pub struct RegistryState {
     pub agents: BTreeMap<String, AgentRecord>,
     #[serde(default)]
     pub weights: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub quotas: BTreeMap<String, QuotaRecord>,
 }
 
 /// A single change to the registry. Every change sets or removes one record, so replaying changes that a snapshot
@@ -61,6 +72,8 @@ pub enum Change {
     PutAgent(AgentRecord),
     RemoveAgent(String),
     SetWeight(String, f64),
+    SetQuota(String, QuotaRecord),
+    RemoveQuota(String),
 }
 
 impl RegistryState {
@@ -80,6 +93,12 @@ impl RegistryState {
             }
             Change::SetWeight(role, w) => {
                 self.weights.insert(role, w);
+            }
+            Change::SetQuota(role, q) => {
+                self.quotas.insert(role, q);
+            }
+            Change::RemoveQuota(role) => {
+                self.quotas.remove(&role);
             }
         }
     }

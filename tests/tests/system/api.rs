@@ -77,3 +77,82 @@ async fn state_views_list_agents_frameworks_roles_and_filtered_pages_of_tasks() 
     let (_, after) = cluster.master_get("/state/tasks").await;
     assert_eq!(after["total"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_set_weights_and_quotas_that_survive_a_restart_and_tear_down_frameworks() {
+    use corral_tests::WAIT;
+    use nix::sys::signal::Signal;
+    let mut cluster = Cluster::start(ClusterSpec::default()).await;
+    let http = reqwest::Client::new();
+    // The restarted master keeps its port.
+    let base = cluster.master_url();
+    let url = |path: &str| format!("{base}{path}");
+    let send = |method: reqwest::Method, path: &str, body: Option<&str>| {
+        let mut request = http.request(method, url(path));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_string());
+        }
+        async move {
+            let r = request.send().await.expect("request");
+            let code = r.status().as_u16();
+            (code, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let put = |path: &'static str, body: &'static str| send(reqwest::Method::PUT, path, Some(body));
+
+    // A limit caps what the role is offered: the agent has 2 cpus, the role may hold 1.5.
+    let (code, body) = put("/api/v1/roles/analytics/quota", r#"{"guarantee": "cpus:1;mem:128", "limit": "cpus:1.5;mem:512"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = put("/api/v1/roles/analytics/weight", r#"{"weight": 3}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("an", "analytics", 60.0)).await;
+    let offered: f64 = fw.offers().await.iter().map(|o| Resources::from_proto(&o.resources).unwrap().get_scalar("cpus")).sum();
+    assert_eq!(offered, 1.5, "offers stop at the role's limit");
+
+    let role = |s: &Value| s["roles"].as_array().unwrap().iter().find(|r| r["name"] == "analytics").cloned().unwrap_or(Value::Null);
+    let set = |s: &Value| {
+        let r = role(s);
+        r["weight"] == 3.0 && r["quota"]["guarantee"]["cpus"] == 1.0 && r["quota"]["limit"]["cpus"] == 1.5
+    };
+    assert!(set(&cluster.master_get("/state/roles").await.1));
+
+    // Bad input: 4xx naming the field, nothing changes.
+    let del = |path: &'static str| send(reqwest::Method::DELETE, path, None);
+    let post = |path: &'static str| send(reqwest::Method::POST, path, None);
+    for (response, code, field) in [
+        (put("/api/v1/roles/analytics/weight", r#"{"weight": -1}"#).await, 400, "weight"),
+        (put("/api/v1/roles/analytics/weight", r#"{"weight": "heavy"}"#).await, 400, "weight"),
+        (put("/api/v1/roles/analytics/weight", r#"{}"#).await, 400, "weight"),
+        (put("/api/v1/roles/analytics/weight", r#"{"weight": 2"#).await, 400, "body"),
+        (put("/api/v1/roles/analytics/weight", r#"[2]"#).await, 400, "body"),
+        (put("/api/v1/roles/bad%20role/weight", r#"{"weight": 2}"#).await, 400, "role"),
+        (put("/api/v1/roles/analytics/quota", r#"{"limit": "cpus:-1"}"#).await, 400, "limit"),
+        (put("/api/v1/roles/analytics/quota", r#"{"guarantee": "cpus:3", "limit": "cpus:2"}"#).await, 400, "quota"),
+        (put("/api/v1/roles/analytics/quota", r#"{"guarantee": "cpus(analytics):1"}"#).await, 400, "quota"),
+        (put("/api/v1/roles/analytics/quota", r#"{"guarantee": 2}"#).await, 400, "guarantee"),
+        (put("/api/v1/roles/analytics/quota", r#"{"guarantees": "cpus:1"}"#).await, 400, "body"),
+        (post("/api/v1/frameworks/no-such-framework/teardown").await, 404, "framework"),
+        (post("/api/v1/frameworks/bad%20id/teardown").await, 400, "framework"),
+    ] {
+        assert_eq!((response.0, &response.1["field"]), (code, &Value::from(field)), "{}", response.1);
+        assert!(response.1["error"].as_str().unwrap().starts_with(&format!("{field}: ")), "{}", response.1);
+    }
+    assert!(set(&cluster.master_get("/state/roles").await.1), "refused writes changed nothing");
+
+    // Weights and quotas are in the registry: a restarted master has them.
+    cluster.master.as_ref().unwrap().signal(Signal::SIGKILL);
+    cluster.master.as_mut().unwrap().wait_timeout(WAIT);
+    cluster.start_master().await;
+    cluster.wait_state("the role back with its weight and quota", set).await;
+
+    let (code, body) = del("/api/v1/roles/analytics/quota").await;
+    assert_eq!(code, 200, "{body}");
+    let unlimited = cluster.master_get("/state/roles").await.1;
+    assert_eq!(role(&unlimited)["quota"]["limit"]["cpus"], 0.0, "{unlimited}");
+
+    let fid = fw.framework_id.clone();
+    let (code, body) = send(reqwest::Method::POST, &format!("/api/v1/frameworks/{fid}/teardown"), None).await;
+    assert_eq!(code, 200, "{body}");
+    let state = cluster.wait_state("the framework torn down", |s| s["frameworks"].as_array().unwrap().is_empty()).await;
+    assert_eq!(state["completed_frameworks"][0]["id"], fid.as_str());
+}
