@@ -25,6 +25,7 @@ use crate::checkpoint::Checkpoint;
 use crate::health::{self, HealthState, Verdict};
 use crate::isolation::{self, Isolator, Limits, Usage};
 use crate::launcher::Launcher;
+use crate::metrics::METRICS;
 use crate::shim::{self, ExitRecord, ShimSpec};
 use crate::status_update::{AckOutcome, Backoff, StatusUpdateManager, StreamKey};
 
@@ -66,6 +67,8 @@ pub enum Event {
     /// The task's cgroup was emptied and removed (off the actor thread); now its end can be reported.
     TaskReaped { key: StreamKey, record: Option<ExitRecord>, oom: bool },
     State { reply: oneshot::Sender<serde_json::Value> },
+    /// Set the task gauges of the metrics (before a scrape).
+    PublishMetrics { reply: oneshot::Sender<()> },
     HealthResult { key: StreamKey, result: Result<(), String> },
     /// Kill every task (SIGUSR1: drain before the agent goes away); replies when none is left running.
     KillAll { reply: oneshot::Sender<()> },
@@ -91,6 +94,8 @@ struct TaskRun {
     health_checker: Option<tokio::task::AbortHandle>,
     /// Why the task is being killed because of its health, if it is.
     unhealthy: Option<String>,
+    /// When RUN_TASK arrived, until the task runs (for the launch latency metric).
+    launched_at: Option<Instant>,
 }
 
 impl TaskRun {
@@ -123,6 +128,7 @@ impl TaskRun {
             health: None,
             health_checker: None,
             unhealthy: None,
+            launched_at: None,
         }
     }
 }
@@ -216,6 +222,10 @@ impl Agent {
             Event::HealthResult { key, result } => self.health_result(key, result),
             Event::State { reply } => {
                 let _ = reply.send(self.state_json());
+            }
+            Event::PublishMetrics { reply } => {
+                self.publish_metrics();
+                let _ = reply.send(());
             }
             Event::KillAll { reply } => {
                 let keys: Vec<StreamKey> = self.tasks.iter().filter(|(_, t)| !t.exited).map(|(k, _)| k.clone()).collect();
@@ -438,7 +448,7 @@ impl Agent {
             cgroup.clone(),
             limits.clone(),
         );
-        self.tasks.insert(key.clone(), run);
+        self.tasks.insert(key.clone(), TaskRun { launched_at: Some(Instant::now()), ..run });
         self.update(&key, TaskState::TaskStarting, StatusReason::ReasonUnspecified, String::new());
 
         let mut spec = self.shim_spec(&fid, &info, &sandbox, &resources);
@@ -530,6 +540,9 @@ impl Agent {
 
     fn task_started(&mut self, key: StreamKey, shim_pid: u32, pid: u32) {
         let Some(t) = self.tasks.get_mut(&key) else { return };
+        if let Some(at) = t.launched_at.take() {
+            METRICS.launch_seconds.observe(at.elapsed().as_secs_f64());
+        }
         t.shim_pid = Some(shim_pid);
         t.pid = Some(pid);
         let pending_kill = t.kill_requested.take();
@@ -788,6 +801,18 @@ impl Agent {
         }
         if !report.is_empty() {
             self.send(agent_message::Message::Usage(v1::ResourceUsage { tasks: report }));
+        }
+    }
+
+    fn publish_metrics(&self) {
+        METRICS.clear_tasks();
+        for ((framework, task), t) in &self.tasks {
+            METRICS.tasks.get_or_create(&vec![("state", t.state.name().to_string())]).inc();
+            if let (false, Some(u)) = (t.exited, t.usage) {
+                let labels = vec![("framework", framework.clone()), ("task", task.clone())];
+                METRICS.task_cpu_seconds.get_or_create(&labels).set(u.cpu_seconds);
+                METRICS.task_memory_bytes.get_or_create(&labels).set(i64::try_from(u.mem_bytes).unwrap_or(i64::MAX));
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoints: `/health`, `/state`, and `/files/read` for sandbox files (task logs).
+//! The agent's HTTP endpoints: `/health`, `/state`, `/metrics`, and `/files/read` for sandbox files (task logs).
 //! `/files/read` serves only regular files under `<work-dir>/sandboxes`, after resolving symlinks and `..`.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -27,6 +27,7 @@ pub fn router(events: mpsc::UnboundedSender<Event>, work_dir: &Path) -> axum::Ro
     axum::Router::new()
         .route("/health", axum::routing::get(|| async { Json(json!({"status": "ok", "version": corral_proto::VERSION})) }))
         .route("/state", axum::routing::get(state))
+        .route("/metrics", axum::routing::get(metrics))
         .route("/files/read", axum::routing::get(read))
         .with_state(Ctx { events, sandboxes: work_dir.join("sandboxes") })
 }
@@ -44,6 +45,16 @@ async fn state(State(ctx): State<Ctx>) -> Response {
         Ok(state) => Json(state).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down".into(), ""),
     }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics text).
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if ctx.events.send(Event::PublishMetrics { reply }).is_ok() {
+        let _ = rx.await;
+    }
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(axum::http::header::CONTENT_TYPE, content_type)], crate::metrics::METRICS.encode()).into_response()
 }
 
 #[derive(Debug, Deserialize)]

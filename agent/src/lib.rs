@@ -17,5 +17,6 @@ pub mod health;
 pub mod http;
 pub mod isolation;
 pub mod launcher;
+pub mod metrics;
 pub mod shim;
 pub mod status_update;

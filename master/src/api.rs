@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::allocator::Quota;
 use crate::master::{Call, Command, OperatorError, Operation};
+use crate::metrics::METRICS;
 use corral_proto::{FrameworkId, Resources};
 use crate::state::{TaskFilter, View};
 
@@ -62,6 +63,11 @@ impl MasterHandle {
     /// One part of the state.
     pub async fn view(&self, view: View) -> Result<serde_json::Value, Status> {
         self.ask(|reply| Command::View { view, reply }).await
+    }
+
+    /// Sets the state gauges of the metrics.
+    async fn publish_metrics(&self) -> Result<(), Status> {
+        self.ask(|reply| Command::PublishMetrics { reply }).await
     }
 
     /// An operator's write.
@@ -242,6 +248,7 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/state", axum::routing::get(state))
+        .route("/metrics", axum::routing::get(metrics))
         .route("/state/agents", axum::routing::get(async |f: State<Frontend>| view(f, View::Agents).await))
         .route("/state/frameworks", axum::routing::get(async |f: State<Frontend>| view(f, View::Frameworks).await))
         .route("/state/roles", axum::routing::get(async |f: State<Frontend>| view(f, View::Roles).await))
@@ -253,7 +260,7 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
 }
 
 /// Paths a follower answers itself; everything else is the leader's.
-const FOLLOWER_PATHS: &[&str] = &["/health", "/state"];
+const FOLLOWER_PATHS: &[&str] = &["/health", "/state", "/metrics"];
 
 /// On a follower, sends every HTTP request but [`FOLLOWER_PATHS`] to the leader: 307 keeps the method and body.
 /// (gRPC calls are refused by the services themselves, with the leader in their metadata.)
@@ -387,6 +394,20 @@ async fn tasks(frontend: State<Frontend>, RawQuery(query): RawQuery) -> HttpResp
         Ok(filter) => view(frontend, View::Tasks(filter)).await,
         Err((field, message)) => bad_field(&field, &message),
     }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics text). Every master answers; state gauges come from the leader only.
+async fn metrics(State(frontend): State<Frontend>) -> HttpResponse {
+    let leading = match frontend.leader() {
+        Ok(handle) => handle.publish_metrics().await.is_ok(),
+        Err(_) => false,
+    };
+    if !leading {
+        METRICS.clear_state();
+    }
+    METRICS.is_leader.set(i64::from(leading));
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], METRICS.encode()).into_response()
 }
 
 async fn health(State(frontend): State<Frontend>) -> impl IntoResponse {

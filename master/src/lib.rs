@@ -13,6 +13,7 @@ pub mod api;
 pub mod election;
 pub mod ha;
 pub mod master;
+pub mod metrics;
 pub mod registry;
 mod state;
 

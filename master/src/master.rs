@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::allocator::{Allocation, Allocator, AllocatorConfig, Quota};
 use crate::election::Leadership;
+use crate::metrics::METRICS;
 use crate::registry::{AgentRecord, Change, FrameworkRecord, QuotaRecord, Registry, RegistryError};
 
 /// Where a framework's events go (the server side of its Subscribe stream).
@@ -86,6 +87,8 @@ pub enum Command {
     State { reply: oneshot::Sender<serde_json::Value> },
     /// One part of the state (`/state/agents`, …).
     View { view: crate::state::View, reply: oneshot::Sender<serde_json::Value> },
+    /// Set the state gauges of [`METRICS`] (before a scrape).
+    PublishMetrics { reply: oneshot::Sender<()> },
     /// An operator's write (`/api/v1/…`).
     Operate { op: Operation, reply: oneshot::Sender<Result<serde_json::Value, OperatorError>> },
     /// End the term: drop every stream and stop.
@@ -483,7 +486,10 @@ impl Master {
 
     /// Writes to the registry; a fenced write deposes this master.
     async fn write(&mut self, changes: Vec<Change>) -> Result<(), Status> {
-        match self.registry.apply(changes).await {
+        let started = Instant::now();
+        let result = self.registry.apply(changes).await;
+        METRICS.registry_write_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(()) => Ok(()),
             Err(RegistryError::Fenced) => {
                 self.deposed = true;
@@ -513,6 +519,10 @@ impl Master {
             }
             Command::View { view, reply } => {
                 let _ = reply.send(self.view_json(&view));
+            }
+            Command::PublishMetrics { reply } => {
+                self.publish_metrics();
+                let _ = reply.send(());
             }
             Command::Operate { op, reply } => {
                 let result = self.operate(op).await;
@@ -734,6 +744,7 @@ impl Master {
                 let refuse = refuse_duration(req.filters.as_ref())?;
                 for offer_id in &req.offer_ids {
                     if let Some(o) = self.use_offer(&id, offer_id) {
+                        METRICS.offers("declined", 1);
                         self.recover_offer(o, Some((now, refuse)));
                     }
                 }
@@ -799,7 +810,9 @@ impl Master {
         if !self.may_lead() {
             return;
         }
+        let started = Instant::now();
         let allocations = self.allocator.allocate(now);
+        METRICS.allocation_seconds.observe(started.elapsed().as_secs_f64());
         if allocations.is_empty() {
             return;
         }
@@ -855,6 +868,7 @@ impl Master {
 
     fn rescind(&mut self, offer_id: &OfferId, notify: bool) {
         let Some(entry) = self.offers.remove(offer_id) else { return };
+        METRICS.offers("rescinded", 1);
         if let Some(f) = self.frameworks.get_mut(&entry.framework_id) {
             f.offers.remove(offer_id);
         }
@@ -1696,6 +1710,13 @@ impl Master {
 
     fn send_event(&mut self, framework_id: &FrameworkId, event: event::Event) {
         if let Some((_, tx)) = self.frameworks.get(framework_id).and_then(|f| f.conn.as_ref()) {
+            match &event {
+                event::Event::Update(_) => {
+                    METRICS.status_updates.inc();
+                }
+                event::Event::Offers(o) => METRICS.offers("sent", o.offers.len()),
+                _ => {}
+            }
             let _ = tx.send(Ok(v1::Event { event: Some(event) }));
         }
     }

@@ -300,3 +300,50 @@ impl Master {
         })
     }
 }
+
+impl Master {
+    /// Sets the state gauges of the metrics from the state (just before a scrape encodes them).
+    pub(crate) fn publish_metrics(&self) {
+        use crate::metrics::{Labels, METRICS};
+        METRICS.clear_state();
+        let label = |key: &'static str, value: &str| -> Labels { vec![(key, value.to_string())] };
+        for a in self.agents.values() {
+            let state = match a.state {
+                AgentState::Recovering => "RECOVERING",
+                AgentState::Registered => "REGISTERED",
+                AgentState::Disconnected => "DISCONNECTED",
+                AgentState::Unreachable => "UNREACHABLE",
+            };
+            METRICS.agents.get_or_create(&label("state", state)).inc();
+        }
+        let mut resources: HashMap<(&'static str, String, String), f64> = HashMap::new();
+        let mut add = |kind: &'static str, role: &str, r: &Resources| {
+            for name in crate::allocator::DRF_RESOURCES {
+                *resources.entry((kind, role.to_string(), name.to_string())).or_default() += r.get_scalar(name);
+            }
+        };
+        for a in self.agents.values().filter(|a| matches!(a.state, AgentState::Registered | AgentState::Disconnected)) {
+            add("total", "*", &a.total.unreserved());
+            for role in a.total.reservation_roles() {
+                add("total", role, &a.total.reserved_for(role));
+            }
+        }
+        for f in self.frameworks.values() {
+            let connection = if f.conn.is_some() { "connected" } else { "disconnected" };
+            METRICS.frameworks.get_or_create(&label("connection", connection)).inc();
+            for t in f.tasks.values().chain(f.completed_tasks.iter()) {
+                METRICS.tasks.get_or_create(&label("state", t.state.name())).inc();
+                if !t.state.is_terminal() {
+                    add("used", &t.role, &t.resources);
+                }
+            }
+        }
+        for o in self.offers.values() {
+            add("offered", &o.role, &o.resources);
+        }
+        for ((kind, role, resource), value) in resources {
+            let labels: Labels = vec![("kind", kind.to_string()), ("role", role), ("resource", resource)];
+            METRICS.resources.get_or_create(&labels).set(value);
+        }
+    }
+}

@@ -156,3 +156,64 @@ async fn operators_set_weights_and_quotas_that_survive_a_restart_and_tear_down_f
     let state = cluster.wait_state("the framework torn down", |s| s["frameworks"].as_array().unwrap().is_empty()).await;
     assert_eq!(state["completed_frameworks"][0]["id"], fid.as_str());
 }
+
+/// Scrapes `url` and parses it as Prometheus exposition (a parser, not string matching).
+async fn scrape(url: &str) -> Vec<prometheus_parse::Sample> {
+    let text = reqwest::get(url).await.expect("GET /metrics").text().await.expect("body");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus exposition").samples
+}
+
+/// The value of the sample of `metric` carrying `labels`.
+fn value(samples: &[prometheus_parse::Sample], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value;
+    let sample = samples.iter().find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))?;
+    match &sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+        Value::Histogram(buckets) => buckets.iter().map(|b| b.count).reduce(f64::max),
+        Value::Summary(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_and_move_when_tasks_run() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let master = format!("{}/metrics", cluster.master_url());
+    let before = scrape(&master).await;
+    assert_eq!(value(&before, "corral_master_is_leader", &[]), Some(1.0));
+    assert_eq!(value(&before, "corral_master_agents", &[("state", "REGISTERED")]), Some(1.0));
+    assert_eq!(value(&before, "corral_master_tasks", &[("state", "TASK_RUNNING")]), None);
+    assert_eq!(value(&before, "corral_master_resources", &[("kind", "total"), ("role", "*"), ("resource", "cpus")]), Some(2.0));
+
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("m", "*", 60.0)).await;
+    let offer = fw.launch_one("m1", "sleep 600", "cpus:0.5;mem:64").await;
+    fw.wait_update("m1", TaskState::TaskRunning).await;
+    let after = scrape(&master).await;
+    assert_eq!(value(&after, "corral_master_tasks", &[("state", "TASK_RUNNING")]), Some(1.0));
+    assert_eq!(value(&after, "corral_master_resources", &[("kind", "used"), ("role", "*"), ("resource", "cpus")]), Some(0.5));
+    assert_eq!(value(&after, "corral_master_frameworks", &[("connection", "connected")]), Some(1.0));
+    assert!(value(&after, "corral_master_offers_total", &[("event", "sent")]).unwrap() >= 1.0);
+    assert!(value(&after, "corral_master_status_updates_forwarded_total", &[]).unwrap() >= 2.0, "STARTING and RUNNING");
+    assert!(value(&after, "corral_master_allocation_cycle_seconds", &[]).unwrap() >= 1.0, "cycles counted");
+
+    let (_, state) = cluster.master_get("/state").await;
+    let agent = state["agents"].as_array().unwrap().iter().find(|a| a["id"] == offer.agent_id.as_str()).unwrap().clone();
+    let agent_url = format!("http://{}:{}/metrics", agent["hostname"].as_str().unwrap(), agent["port"]);
+    let deadline = std::time::Instant::now() + corral_tests::WAIT;
+    let samples = loop {
+        let samples = scrape(&agent_url).await;
+        // Usage is sampled every 300 ms in tests.
+        if value(&samples, "corral_agent_task_memory_bytes", &[("task", "m1")]).is_some() || std::time::Instant::now() > deadline {
+            break samples;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(value(&samples, "corral_agent_tasks", &[("state", "TASK_RUNNING")]), Some(1.0));
+    assert_eq!(value(&samples, "corral_agent_launch_seconds", &[]), Some(1.0), "one launch observed");
+    assert!(value(&samples, "corral_agent_task_memory_bytes", &[("task", "m1")]).unwrap() > 0.0);
+    assert!(value(&samples, "corral_agent_task_cpu_seconds", &[("task", "m1")]).is_some());
+
+    // The exposition ends with the OpenMetrics EOF marker.
+    let text = reqwest::get(&master).await.unwrap().text().await.unwrap();
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+}
