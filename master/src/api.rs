@@ -65,6 +65,11 @@ impl MasterHandle {
         self.ask(|reply| Command::View { view, reply }).await
     }
 
+    /// A receiver of the events stream.
+    async fn events(&self) -> Result<tokio::sync::broadcast::Receiver<serde_json::Value>, Status> {
+        self.ask(|reply| Command::Events { reply }).await
+    }
+
     /// Sets the state gauges of the metrics.
     async fn publish_metrics(&self) -> Result<(), Status> {
         self.ask(|reply| Command::PublishMetrics { reply }).await
@@ -256,6 +261,7 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
         .route("/api/v1/roles/{role}/weight", axum::routing::put(set_weight))
         .route("/api/v1/roles/{role}/quota", axum::routing::put(set_quota).delete(remove_quota))
         .route("/api/v1/frameworks/{id}/teardown", axum::routing::post(teardown))
+        .route("/api/v1/events", axum::routing::get(events))
         .with_state(frontend)
 }
 
@@ -394,6 +400,31 @@ async fn tasks(frontend: State<Frontend>, RawQuery(query): RawQuery) -> HttpResp
         Ok(filter) => view(frontend, View::Tasks(filter)).await,
         Err((field, message)) => bad_field(&field, &message),
     }
+}
+
+/// `GET /api/v1/events`: Server-Sent Events of task, agent and framework changes, in the order they happened.
+/// Each event is named by its type (`SUBSCRIBED` first, then `TASK_UPDATED`, `AGENT_UPDATED`, `FRAMEWORK_ADDED`,
+/// `FRAMEWORK_UPDATED`, `FRAMEWORK_REMOVED`) and carries JSON. A subscriber that falls thousands of events behind
+/// gets one `LAGGED` event saying how many it missed (re-read `/state`). The stream ends when the term does.
+async fn events(State(frontend): State<Frontend>) -> HttpResponse {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio_stream::wrappers::BroadcastStream;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    let rx = match async { frontend.leader()?.events().await }.await {
+        Ok(rx) => rx,
+        Err(status) => return error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
+    };
+    let hello = serde_json::json!({"type": "SUBSCRIBED", "leader": frontend.advertise});
+    let stream = tokio_stream::once(Ok(hello)).chain(BroadcastStream::new(rx)).map(|item| {
+        let event = match item {
+            Ok(value) => Event::default().event(value["type"].as_str().unwrap_or("EVENT")).data(value.to_string()),
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                Event::default().event("LAGGED").data(serde_json::json!({"type": "LAGGED", "missed": missed}).to_string())
+            }
+        };
+        Ok::<_, std::convert::Infallible>(event)
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics text). Every master answers; state gauges come from the leader only.

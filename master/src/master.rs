@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use corral_proto::v1::{self, event, master_message, operation};
 use corral_proto::v1::{StatusReason, StatusSource, TaskState};
 use corral_proto::{AgentId, FrameworkId, OfferId, Resources, TaskId, now_seconds};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
@@ -87,6 +87,8 @@ pub enum Command {
     State { reply: oneshot::Sender<serde_json::Value> },
     /// One part of the state (`/state/agents`, …).
     View { view: crate::state::View, reply: oneshot::Sender<serde_json::Value> },
+    /// A receiver of the `/api/v1/events` stream.
+    Events { reply: oneshot::Sender<broadcast::Receiver<serde_json::Value>> },
     /// Set the state gauges of [`METRICS`] (before a scrape).
     PublishMetrics { reply: oneshot::Sender<()> },
     /// An operator's write (`/api/v1/…`).
@@ -244,6 +246,32 @@ pub struct Master {
     leadership: Leadership,
     /// Set when a registry write was fenced off: another master leads.
     deposed: bool,
+    /// Changes for `/api/v1/events` subscribers (tasks, agents, frameworks), newest last.
+    pub(crate) events: broadcast::Sender<serde_json::Value>,
+}
+
+/// How many events a slow `/api/v1/events` subscriber may fall behind before it is told it missed some.
+const EVENTS_BUFFER: usize = 4096;
+
+/// A `/api/v1/events` event: a task changed state.
+fn task_event(framework_id: &FrameworkId, task_id: &TaskId, agent_id: &AgentId, state: TaskState) -> serde_json::Value {
+    serde_json::json!({
+        "type": "TASK_UPDATED",
+        "framework_id": framework_id,
+        "task_id": task_id,
+        "agent_id": agent_id,
+        "state": state.name(),
+        "timestamp": now_seconds(),
+    })
+}
+
+/// A `/api/v1/events` event about an agent or a framework.
+fn event_of(kind: &str, id_key: &str, id: &str, detail: serde_json::Value) -> serde_json::Value {
+    let mut event = serde_json::json!({"type": kind, id_key: id, "timestamp": now_seconds()});
+    if let (Some(event), serde_json::Value::Object(detail)) = (event.as_object_mut(), detail) {
+        event.extend(detail);
+    }
+    event
 }
 
 fn fail(msg: impl Into<String>) -> Status {
@@ -355,6 +383,7 @@ impl Master {
             self_tx,
             leadership,
             deposed: false,
+            events: broadcast::channel(EVENTS_BUFFER).0,
         };
         for record in stored.frameworks.into_values() {
             let Ok(id) = FrameworkId::new(record.id.clone()) else {
@@ -520,6 +549,9 @@ impl Master {
             Command::View { view, reply } => {
                 let _ = reply.send(self.view_json(&view));
             }
+            Command::Events { reply } => {
+                let _ = reply.send(self.events.subscribe());
+            }
             Command::PublishMetrics { reply } => {
                 self.publish_metrics();
                 let _ = reply.send(());
@@ -569,6 +601,8 @@ impl Master {
                 f.disconnected_at = None;
                 self.allocator.update_framework_roles(&id, &info.roles);
                 info!(framework = %id, name = %info.name, "framework re-subscribed");
+                let detail = serde_json::json!({"name": info.name, "connected": true});
+                let _ = self.events.send(event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
             }
             None => {
                 self.allocator
@@ -587,6 +621,8 @@ impl Master {
                     },
                 );
                 info!(framework = %id, name = %info.name, roles = ?info.roles, "framework subscribed");
+                let detail = serde_json::json!({"name": info.name, "roles": info.roles, "connected": true});
+                let _ = self.events.send(event_of("FRAMEWORK_ADDED", "framework_id", id.as_str(), detail));
             }
         }
         self.allocator.set_framework_active(&id, true);
@@ -627,6 +663,8 @@ impl Master {
         f.disconnected_at = Some(now);
         let timeout = f.info.failover_timeout_seconds;
         info!(framework = %id, failover_timeout = timeout, "framework disconnected");
+        let detail = serde_json::json!({"connected": false});
+        let _ = self.events.send(event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
         self.allocator.set_framework_active(id, false);
         self.rescind_framework_offers(id, false);
         if timeout <= 0.0 {
@@ -680,6 +718,7 @@ impl Master {
         self.rescind_framework_offers(id, false);
         let Some(mut f) = self.frameworks.remove(id) else { return };
         info!(framework = %id, "removing framework: {why}");
+        let _ = self.events.send(event_of("FRAMEWORK_REMOVED", "framework_id", id.as_str(), serde_json::json!({"why": why})));
         if let Some((_, tx)) = f.conn.take() {
             let _ = tx.send(Ok(error_event(&format!("framework removed: {why}"))));
         }
@@ -695,6 +734,7 @@ impl Master {
                 );
                 task.state = TaskState::TaskKilled;
                 task.statuses.push((TaskState::TaskKilled, now_seconds()));
+                let _ = self.events.send(task_event(id, &task_id, &task.agent_id, TaskState::TaskKilled));
             }
             if let Some(agent) = self.agents.get_mut(&task.agent_id) {
                 agent.tasks.remove(&(id.clone(), task_id.clone()));
@@ -1199,6 +1239,7 @@ impl Master {
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.tasks.insert((framework_id.clone(), task_id.clone()));
         }
+        let _ = self.events.send(task_event(framework_id, &task_id, agent_id, TaskState::TaskStaging));
         info!(framework = %framework_id, task = %task_id, agent = %agent_id, "launching task");
         self.send_to_agent(
             agent_id,
@@ -1465,6 +1506,7 @@ impl Master {
                     if was != state && t.state.may_become(state) {
                         t.state = state;
                         t.statuses.push((state, now_seconds()));
+                        let _ = self.events.send(task_event(&fid, &tid, &agent_id, state));
                     }
                     if let Some(g) = t.kill_pending.take() {
                         kills.push((fid.clone(), tid.clone(), g));
@@ -1491,6 +1533,7 @@ impl Master {
                         kill_pending: None,
                         acked: true,
                     };
+                    let _ = self.events.send(task_event(&fid, &tid, &agent_id, state));
                     f.tasks.insert(tid, t);
                 }
             }
@@ -1503,6 +1546,7 @@ impl Master {
             }
             t.state = TaskState::TaskLost;
             t.statuses.push((TaskState::TaskLost, now_seconds()));
+            let _ = self.events.send(task_event(&fid, &tid, &agent_id, TaskState::TaskLost));
             let s = status(&fid, tid.as_str(), agent_id.as_str(), TaskState::TaskLost, StatusReason::ReasonAgentReregistered,
                 format!("agent {agent_id} re-registered without task {tid}"));
             t.status = Some(s.clone());
@@ -1514,6 +1558,8 @@ impl Master {
             .map_err(|e| Status::internal(e.to_string()))?;
         info!(agent = %agent_id, hostname = %info.hostname, resources = %total, tasks = agent_tasks.len(),
             "agent {}", if reregister { "re-registered" } else { "registered" });
+        let detail = serde_json::json!({"hostname": info.hostname, "state": "REGISTERED", "reregistered": reregister});
+        let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
         self.agents.insert(
             agent_id.clone(),
             Agent {
@@ -1563,6 +1609,8 @@ impl Master {
                 agent.state = AgentState::Disconnected;
             }
             info!(agent = %agent_id, "agent disconnected; its resources leave the offer pool");
+            let detail = serde_json::json!({"state": "DISCONNECTED"});
+            let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
             self.allocator.set_agent_active(&agent_id, false);
             self.rescind_agent_offers(&agent_id);
         }
@@ -1609,6 +1657,7 @@ impl Master {
         if fresh && task.state.may_become(state) {
             if state != task.state || task.status.as_ref().map(|x| x.healthy) != Some(s.healthy) {
                 task.statuses.push((state, s.timestamp));
+                let _ = self.events.send(task_event(&fid, &tid, agent_id, state));
             }
             task.state = state;
             task.status = Some(s.clone());
@@ -1634,6 +1683,8 @@ impl Master {
         let Some(agent) = self.agents.get_mut(agent_id) else { return };
         warn!(agent = %agent_id, "agent unreachable: no message within the ping timeout");
         agent.state = AgentState::Unreachable;
+        let detail = serde_json::json!({"state": "UNREACHABLE"});
+        let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
         if let Some((conn, tx)) = agent.conn.take() {
             let _ = tx.send(Err(Status::unavailable("agent marked unreachable after its ping timeout")));
             self.agent_conns.remove(&conn);
@@ -1646,6 +1697,7 @@ impl Master {
             }
             t.state = TaskState::TaskUnreachable;
             t.statuses.push((TaskState::TaskUnreachable, now_seconds()));
+            let _ = self.events.send(task_event(&fid, &tid, agent_id, TaskState::TaskUnreachable));
             let s = status(&fid, tid.as_str(), agent_id.as_str(), TaskState::TaskUnreachable,
                 StatusReason::ReasonAgentUnreachable, format!("agent {agent_id} is unreachable"));
             self.send_event(&fid, event::Event::Update(event::Update { status: Some(s) }));

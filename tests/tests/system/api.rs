@@ -217,3 +217,47 @@ async fn metrics_parse_as_prometheus_and_move_when_tasks_run() {
     let text = reqwest::get(&master).await.unwrap().text().await.unwrap();
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }
+
+/// Reads Server-Sent Events from `response` until `done` holds for the events so far (or WAIT passes).
+async fn read_events(response: &mut reqwest::Response, done: impl Fn(&[(String, Value)]) -> bool) -> Vec<(String, Value)> {
+    let deadline = tokio::time::Instant::now() + corral_tests::WAIT;
+    let (mut buffer, mut events) = (String::new(), Vec::new());
+    while !done(&events) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk()).await;
+        let Ok(Ok(Some(chunk))) = chunk else { break };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start().to_string());
+            if let (Some(name), Some(data)) = (field("event:"), field("data:")) {
+                events.push((name, serde_json::from_str(&data).expect("event data is JSON")));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_delivers_a_tasks_transitions_in_order() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut stream = reqwest::get(format!("{}/api/v1/events", cluster.master_url())).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let hello = read_events(&mut stream, |e| !e.is_empty()).await;
+    assert_eq!(hello[0].0, "SUBSCRIBED");
+
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("ev", "*", 60.0)).await;
+    fw.launch_one("e1", "sleep 0.2", "cpus:0.1;mem:16").await;
+    fw.wait_terminal("e1").await;
+    let finished = |events: &[(String, Value)]| events.iter().any(|(_, e)| e["task_id"] == "e1" && e["state"] == "TASK_FINISHED");
+    let events = read_events(&mut stream, finished).await;
+    let fid = fw.framework_id.clone();
+    assert!(events.iter().any(|(name, e)| name == "FRAMEWORK_ADDED" && e["framework_id"] == fid.as_str()), "{events:?}");
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|(name, e)| name == "TASK_UPDATED" && e["task_id"] == "e1")
+        .map(|(_, e)| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_FINISHED"], "{events:?}");
+    assert!(events.iter().all(|(name, e)| e["type"] == name.as_str()));
+}
