@@ -262,11 +262,13 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
         .route("/api/v1/roles/{role}/quota", axum::routing::put(set_quota).delete(remove_quota))
         .route("/api/v1/frameworks/{id}/teardown", axum::routing::post(teardown))
         .route("/api/v1/events", axum::routing::get(events))
+        .route("/api/v1/tasks/{task}/files/{file}", axum::routing::get(task_file))
+        .route("/", axum::routing::get(dashboard))
         .with_state(frontend)
 }
 
 /// Paths a follower answers itself; everything else is the leader's.
-const FOLLOWER_PATHS: &[&str] = &["/health", "/state", "/metrics"];
+const FOLLOWER_PATHS: &[&str] = &["/", "/health", "/state", "/metrics"];
 
 /// On a follower, sends every HTTP request but [`FOLLOWER_PATHS`] to the leader: 307 keeps the method and body.
 /// (gRPC calls are refused by the services themselves, with the leader in their metadata.)
@@ -425,6 +427,76 @@ async fn events(State(frontend): State<Frontend>) -> HttpResponse {
         Ok::<_, std::convert::Infallible>(event)
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The web dashboard: one page, embedded in the binary, that reads the API (and follows `/api/v1/events`).
+async fn dashboard() -> HttpResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html")).into_response()
+}
+
+/// `GET /api/v1/tasks/{task}/files/{stdout|stderr}?framework=…&offset=…&length=…`: a chunk of a task's output, read
+/// from its agent's sandbox (`{"data": "...", "offset": N}`, `offset=-1` gives the size), so a browser needs to
+/// reach only the master.
+async fn task_file(frontend: State<Frontend>, Path((task, file)): Path<(String, String)>, RawQuery(query): RawQuery) -> HttpResponse {
+    if !matches!(file.as_str(), "stdout" | "stderr") {
+        return bad_field("file", &format!("{file:?} is not stdout or stderr"));
+    }
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let framework = match param("framework").map(FrameworkId::new) {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => return bad_field("framework", &e.to_string()),
+        None => return bad_field("framework", "missing"),
+    };
+    let (offset, length) = (param("offset").unwrap_or_else(|| "0".into()), param("length").unwrap_or_else(|| "65536".into()));
+    if offset.parse::<i64>().is_err() || length.parse::<u64>().is_err() {
+        return bad_field("offset", "offset and length must be whole numbers");
+    }
+    let handle = match frontend.leader() {
+        Ok(h) => h,
+        Err(status) => return error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
+    };
+    let filter = TaskFilter { framework: Some(framework.clone()), limit: TaskFilter::MAX_LIMIT, ..TaskFilter::default() };
+    let (Ok(tasks), Ok(agents)) = (handle.view(View::Tasks(filter)).await, handle.view(View::Agents).await) else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "this master stopped leading");
+    };
+    let Some(agent_id) = tasks["tasks"].as_array().into_iter().flatten().find(|t| t["id"] == task.as_str()).map(|t| t["agent_id"].clone()) else {
+        return error(StatusCode::NOT_FOUND, &format!("task {task} of framework {framework} is not known"));
+    };
+    let Some(agent) = agents["agents"].as_array().into_iter().flatten().find(|a| a["id"] == agent_id) else {
+        return error(StatusCode::NOT_FOUND, &format!("agent {agent_id} is not known"));
+    };
+    let base = format!("http://{}:{}", agent["hostname"].as_str().unwrap_or_default(), agent["port"]);
+    match read_from_agent(&base, framework.as_str(), &task, &file, &offset, &length).await {
+        Ok((code, body)) => (StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), Json(body)).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, &format!("cannot reach agent {base}: {e}")),
+    }
+}
+
+/// Finds the task's sandbox in the agent's `/state` and reads `file` there through its `/files/read`.
+async fn read_from_agent(base: &str, framework: &str, task: &str, file: &str, offset: &str, length: &str)
+    -> Result<(u16, serde_json::Value), reqwest::Error> {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client")
+    });
+    let state: serde_json::Value = CLIENT.get(format!("{base}/state")).send().await?.json().await?;
+    let sandbox = ["tasks", "completed_tasks"]
+        .iter()
+        .flat_map(|k| state[*k].as_array().cloned().unwrap_or_default())
+        .filter(|t| t["id"] == task && t["framework_id"] == framework)
+        .filter_map(|t| t["sandbox"].as_str().map(str::to_string))
+        .next_back();
+    let Some(sandbox) = sandbox else {
+        return Ok((404, serde_json::json!({"error": format!("the agent no longer has task {task}'s sandbox")})));
+    };
+    let path = format!("{sandbox}/{file}");
+    let response = CLIENT
+        .get(format!("{base}/files/read"))
+        .query(&[("path", path.as_str()), ("offset", offset), ("length", length)])
+        .send()
+        .await?;
+    let code = response.status().as_u16();
+    Ok((code, response.json().await?))
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics text). Every master answers; state gauges come from the leader only.

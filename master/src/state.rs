@@ -28,13 +28,19 @@ pub struct TaskFilter {
     pub limit: usize,
 }
 
+impl Default for TaskFilter {
+    fn default() -> Self {
+        TaskFilter { state: None, framework: None, agent: None, offset: 0, limit: Self::DEFAULT_LIMIT }
+    }
+}
+
 impl TaskFilter {
     pub const DEFAULT_LIMIT: usize = 100;
     pub const MAX_LIMIT: usize = 10_000;
 
     /// Parses `/state/tasks` query parameters; the error names the parameter (`field`) and what is wrong.
     pub fn parse<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TaskFilter, (String, String)> {
-        let mut filter = TaskFilter { state: None, framework: None, agent: None, offset: 0, limit: Self::DEFAULT_LIMIT };
+        let mut filter = TaskFilter::default();
         for (key, value) in params {
             let bad = |why: String| (key.to_string(), why);
             match key {

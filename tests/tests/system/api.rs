@@ -76,6 +76,19 @@ async fn state_views_list_agents_frameworks_roles_and_filtered_pages_of_tasks() 
     }
     let (_, after) = cluster.master_get("/state/tasks").await;
     assert_eq!(after["total"], 3);
+
+    // A task's output through the master (read from its agent's sandbox).
+    let (code, out) = cluster.master_get(&format!("/api/v1/tasks/a1/files/stdout?framework={fid}&offset=-1")).await;
+    assert_eq!((code, out["offset"].as_u64()), (200, Some(0)), "{out}");
+    for (path, code, field) in [
+        (format!("/api/v1/tasks/a1/files/passwd?framework={fid}"), 400, Some("file")),
+        ("/api/v1/tasks/a1/files/stdout".to_string(), 400, Some("framework")),
+        (format!("/api/v1/tasks/a1/files/stdout?framework={fid}&offset=x"), 400, Some("offset")),
+        (format!("/api/v1/tasks/nope/files/stdout?framework={fid}"), 404, None),
+    ] {
+        let (got, body) = cluster.master_get(&path).await;
+        assert_eq!((got, body["field"].as_str()), (code, field), "{path}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! frameworks on the real SDK.
 
 mod api;
+mod dashboard;
 mod foundation;
 mod ha;
 mod isolation;
