@@ -638,6 +638,22 @@ impl Allocator {
         self.queue_agent(a);
     }
 
+    /// Converts an agent's free resources in place (an operator's RESERVE or UNRESERVE): `from` leaves the free
+    /// pool and the total, `to` (the same amounts) enters both. Does nothing unless `from` is free.
+    pub fn convert_free(&mut self, agent_id: &AgentId, from: &Resources, to: &Resources) {
+        let Some(&a) = self.agent_slots.get(agent_id) else { return };
+        let agent = &mut self.agents[a];
+        if !agent.free.contains(from) {
+            return;
+        }
+        agent.free.subtract(from);
+        agent.free.add(to);
+        agent.total.subtract(from);
+        agent.total.add(to);
+        self.refresh_candidate(a);
+        self.queue_agent(a);
+    }
+
     /// Gives resources back: an offer declined, rescinded or partly used, or a task that ended. With `refuse`, the
     /// framework is not offered these resources (or a subset) on this agent again for that long.
     pub fn recover(
@@ -1245,6 +1261,20 @@ mod tests {
         assert_eq!(a.free(&agent(1)), Some(&res("cpus:3;mem:960")));
         assert!(a.allocate(now).iter().all(|o| o.framework_id != fw(1)), "an inactive framework gets no offers");
         a.set_framework_active(&fw(1), true);
+        a.check_invariants();
+    }
+
+    #[test]
+    fn operator_reservations_convert_only_free_resources() {
+        let mut a = one_agent_one_framework("cpus:4;mem:1024", "analytics");
+        let now = Instant::now();
+        a.convert_free(&agent(1), &res("cpus:2"), &res("cpus(analytics):2"));
+        assert_eq!(a.free(&agent(1)), Some(&res("cpus:2;cpus(analytics):2;mem:1024")));
+        let offers = a.allocate(now);
+        assert_eq!(offers[0].resources, res("cpus:2;cpus(analytics):2;mem:1024"), "reserved and unreserved offered to the role");
+        // Offered resources are not free: nothing converts.
+        a.convert_free(&agent(1), &res("cpus(analytics):2"), &res("cpus:2"));
+        assert_eq!(a.free(&agent(1)), Some(&Resources::new()));
         a.check_invariants();
     }
 

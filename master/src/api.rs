@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::allocator::Quota;
 use crate::master::{Call, Command, OperatorError, Operation};
 use crate::metrics::METRICS;
-use corral_proto::{FrameworkId, Resources};
+use corral_proto::{AgentId, FrameworkId, Resources};
 use crate::state::{TaskFilter, View};
 
 /// A cloneable handle to the master actor of the current leadership term.
@@ -261,6 +261,10 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
         .route("/api/v1/roles/{role}/weight", axum::routing::put(set_weight))
         .route("/api/v1/roles/{role}/quota", axum::routing::put(set_quota).delete(remove_quota))
         .route("/api/v1/frameworks/{id}/teardown", axum::routing::post(teardown))
+        .route("/api/v1/agents/{id}/drain", axum::routing::post(drain))
+        .route("/api/v1/agents/{id}/up", axum::routing::post(up))
+        .route("/api/v1/agents/{id}/reserve", axum::routing::post(async |f: State<Frontend>, p: Path<String>, b: Bytes| reserve(f, p, b, true).await))
+        .route("/api/v1/agents/{id}/unreserve", axum::routing::post(async |f: State<Frontend>, p: Path<String>, b: Bytes| reserve(f, p, b, false).await))
         .route("/api/v1/events", axum::routing::get(events))
         .route("/api/v1/tasks/{task}/files/{file}", axum::routing::get(task_file))
         .route("/", axum::routing::get(dashboard))
@@ -384,6 +388,48 @@ async fn set_quota(State(frontend): State<Frontend>, Path(role): Path<String>, b
 /// `DELETE /api/v1/roles/{role}/quota`.
 async fn remove_quota(State(frontend): State<Frontend>, Path(role): Path<String>) -> HttpResponse {
     operate(&frontend, role_name(&role).map(|role| Operation::RemoveQuota { role })).await
+}
+
+fn agent_id(id: String) -> Result<AgentId, OperatorError> {
+    AgentId::new(id).map_err(|e| OperatorError::bad("agent", e.to_string()))
+}
+
+/// `POST /api/v1/agents/{id}/drain` with optional `{"deadline_seconds": 60}` (default 0): no new offers on the
+/// agent; its tasks are killed when the deadline passes. Until `up`, across restarts and failovers.
+async fn drain(State(frontend): State<Frontend>, Path(id): Path<String>, body: Bytes) -> HttpResponse {
+    let op = (|| {
+        let agent = agent_id(id)?;
+        let deadline_seconds = if body.iter().all(u8::is_ascii_whitespace) {
+            0.0
+        } else {
+            match json_object(&body)?.get("deadline_seconds") {
+                None => 0.0,
+                Some(v) => v.as_f64().ok_or_else(|| OperatorError::bad("deadline_seconds", "must be a number of seconds"))?,
+            }
+        };
+        Ok(Operation::Drain { agent, deadline_seconds })
+    })();
+    operate(&frontend, op).await
+}
+
+/// `POST /api/v1/agents/{id}/up`: ends a drain.
+async fn up(State(frontend): State<Frontend>, Path(id): Path<String>) -> HttpResponse {
+    operate(&frontend, agent_id(id).map(|agent| Operation::Up { agent })).await
+}
+
+/// `POST /api/v1/agents/{id}/reserve` (or `/unreserve`) with `{"resources": "cpus(analytics):2;mem(analytics):1024"}`.
+async fn reserve(State(frontend): State<Frontend>, Path(id): Path<String>, body: Bytes, reserve: bool) -> HttpResponse {
+    let op = (|| {
+        let agent = agent_id(id)?;
+        let text = match json_object(&body)?.get("resources") {
+            Some(serde_json::Value::String(text)) => text.clone(),
+            Some(_) => return Err(OperatorError::bad("resources", "must be a resource string like \"cpus(analytics):2\"")),
+            None => return Err(OperatorError::bad("resources", "missing")),
+        };
+        let resources = Resources::parse(&text).map_err(|e| OperatorError::bad("resources", e.to_string()))?;
+        Ok(if reserve { Operation::Reserve { agent, resources } } else { Operation::Unreserve { agent, resources } })
+    })();
+    operate(&frontend, op).await
 }
 
 /// `POST /api/v1/frameworks/{id}/teardown`: kills the framework's tasks and removes it.

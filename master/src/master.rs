@@ -104,6 +104,13 @@ pub enum Operation {
     SetQuota { role: String, quota: Quota },
     RemoveQuota { role: String },
     Teardown { framework: FrameworkId },
+    /// No new offers on the agent; its tasks are killed after `deadline_seconds`.
+    Drain { agent: AgentId, deadline_seconds: f64 },
+    /// End a drain: the agent's resources are offered again.
+    Up { agent: AgentId },
+    /// Reserve unreserved, unused resources of an agent for roles (`cpus(analytics):2`), or give them back.
+    Reserve { agent: AgentId, resources: Resources },
+    Unreserve { agent: AgentId, resources: Resources },
 }
 
 /// Why an operator write was refused: the HTTP status, what is wrong, and the request field at fault.
@@ -248,6 +255,17 @@ pub struct Master {
     deposed: bool,
     /// Changes for `/api/v1/events` subscribers (tasks, agents, frameworks), newest last.
     pub(crate) events: broadcast::Sender<serde_json::Value>,
+    /// Agents under maintenance: no offers; their tasks are killed once the deadline passes.
+    pub(crate) drains: HashMap<AgentId, Drain>,
+}
+
+/// An agent being drained (`POST /api/v1/agents/{id}/drain`), until it is brought back `up`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Drain {
+    /// Seconds since the epoch after which its tasks are killed.
+    pub deadline: f64,
+    /// Whether the kills were sent.
+    pub killed: bool,
 }
 
 /// How many events a slow `/api/v1/events` subscriber may fall behind before it is told it missed some.
@@ -384,7 +402,16 @@ impl Master {
             leadership,
             deposed: false,
             events: broadcast::channel(EVENTS_BUFFER).0,
+            drains: HashMap::new(),
         };
+        for (agent, deadline) in stored.drains {
+            match AgentId::new(agent) {
+                Ok(id) => {
+                    master.drains.insert(id, Drain { deadline, killed: false });
+                }
+                Err(e) => warn!("skipping a stored drain of an invalid agent id: {e}"),
+            }
+        }
         for record in stored.frameworks.into_values() {
             let Ok(id) = FrameworkId::new(record.id.clone()) else {
                 warn!(id = %record.id, "skipping registry framework with an invalid id");
@@ -704,12 +731,110 @@ impl Master {
                 info!(role, "role quota removed by the operator");
                 Ok(serde_json::json!({"role": role}))
             }
+            Operation::Drain { agent, deadline_seconds } => {
+                if !(deadline_seconds.is_finite() && (0.0..=30.0 * 86400.0).contains(&deadline_seconds)) {
+                    return Err(OperatorError::bad("deadline_seconds", format!("must be between 0 and 2592000 (30 days), not {deadline_seconds}")));
+                }
+                self.known_agent(&agent)?;
+                let deadline = now_seconds() + deadline_seconds;
+                self.write(vec![Change::SetDrain(agent.to_string(), deadline)]).await.map_err(OperatorError::unavailable)?;
+                self.drains.insert(agent.clone(), Drain { deadline, killed: false });
+                self.allocator.set_agent_active(&agent, false);
+                self.rescind_agent_offers(&agent);
+                info!(agent = %agent, deadline_seconds, "draining agent: no new offers, tasks killed at the deadline");
+                let detail = serde_json::json!({"draining": true, "deadline": deadline});
+                let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), detail));
+                self.kill_drained(Instant::now());
+                Ok(serde_json::json!({"agent": agent, "deadline": deadline}))
+            }
+            Operation::Up { agent } => {
+                self.known_agent(&agent)?;
+                self.write(vec![Change::RemoveDrain(agent.to_string())]).await.map_err(OperatorError::unavailable)?;
+                self.drains.remove(&agent);
+                let connected = self.agents.get(&agent).is_some_and(|a| a.state == AgentState::Registered);
+                self.allocator.set_agent_active(&agent, connected);
+                info!(agent = %agent, "agent is up: its resources are offered again");
+                let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), serde_json::json!({"draining": false})));
+                Ok(serde_json::json!({"agent": agent}))
+            }
+            Operation::Reserve { agent, resources } | Operation::Unreserve { agent, resources } if resources.is_empty() => {
+                let _ = agent;
+                Err(OperatorError::bad("resources", "names no resources"))
+            }
+            Operation::Reserve { agent, resources } => {
+                if !resources.unreserved().is_empty() || !resources.volumes().is_empty() {
+                    return Err(OperatorError::bad("resources", format!("{resources} must name reserved resources like cpus(analytics):2, without volumes")));
+                }
+                self.convert_free(&agent, "RESERVE", resources.with_role(None), resources).await
+            }
+            Operation::Unreserve { agent, resources } => {
+                if !resources.unreserved().is_empty() || !resources.volumes().is_empty() {
+                    return Err(OperatorError::bad("resources", format!("{resources} must name reserved resources (destroy volumes first)")));
+                }
+                let to = resources.with_role(None);
+                self.convert_free(&agent, "UNRESERVE", resources, to).await
+            }
             Operation::Teardown { framework } => {
                 if !self.frameworks.contains_key(&framework) {
                     return Err(OperatorError { code: 404, message: format!("no framework {framework}"), field: Some("framework") });
                 }
                 self.remove_framework(&framework, "torn down by the operator").await;
                 Ok(serde_json::json!({"framework": framework}))
+            }
+        }
+    }
+
+    fn known_agent(&self, agent: &AgentId) -> Result<(), OperatorError> {
+        if self.agents.contains_key(agent) {
+            Ok(())
+        } else {
+            Err(OperatorError { code: 404, message: format!("no agent {agent}"), field: Some("agent") })
+        }
+    }
+
+    /// An operator's RESERVE or UNRESERVE: converts `from` into `to` among the agent's free resources (outstanding
+    /// offers on it are rescinded first), records it and tells the agent.
+    async fn convert_free(&mut self, agent: &AgentId, name: &str, from: Resources, to: Resources) -> Result<serde_json::Value, OperatorError> {
+        self.known_agent(agent)?;
+        self.rescind_agent_offers(agent);
+        let free = self.allocator.free(agent).cloned().unwrap_or_default();
+        if !free.contains(&from) {
+            return Err(OperatorError {
+                code: 409,
+                message: format!("agent {agent} does not have {from} free (free: {free})"),
+                field: Some("resources"),
+            });
+        }
+        self.allocator.convert_free(agent, &from, &to);
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.total.subtract(&from);
+            a.total.add(&to);
+        }
+        let list = to.to_proto();
+        let op = match name {
+            "RESERVE" => operation::Operation::Reserve(operation::Reserve { resources: list }),
+            _ => operation::Operation::Unreserve(operation::Unreserve { resources: from.to_proto() }),
+        };
+        info!(agent = %agent, "{name} by the operator: {from} -> {to}");
+        self.checkpoint_agent_resources(agent, vec![v1::Operation { operation: Some(op) }]).await;
+        let total = self.agents.get(agent).map(|a| a.total.to_json_summary());
+        Ok(serde_json::json!({"agent": agent, "resources": total}))
+    }
+
+    /// Kills the tasks of drained agents whose deadline passed (once; a disconnected agent gets them on return).
+    fn kill_drained(&mut self, _now: Instant) {
+        let wall = now_seconds();
+        let due: Vec<AgentId> =
+            self.drains.iter().filter(|(_, d)| !d.killed && d.deadline <= wall).map(|(a, _)| a.clone()).collect();
+        for agent in due {
+            let tasks: Vec<(FrameworkId, TaskId)> = self.agents.get(&agent).map(|a| a.tasks.iter().cloned().collect()).unwrap_or_default();
+            for (fid, tid) in tasks {
+                let req = v1::KillRequest { task_id: tid.to_string(), agent_id: agent.to_string(), ..Default::default() };
+                let _ = self.kill(&fid, req);
+            }
+            info!(agent = %agent, "drain deadline passed: its tasks are being killed");
+            if let Some(d) = self.drains.get_mut(&agent) {
+                d.killed = true;
             }
         }
     }
@@ -1556,6 +1681,10 @@ impl Master {
         self.allocator
             .add_agent(agent_id.clone(), total.clone(), used)
             .map_err(|e| Status::internal(e.to_string()))?;
+        if self.drains.contains_key(&agent_id) {
+            // Still under maintenance: its resources stay out of offers.
+            self.allocator.set_agent_active(&agent_id, false);
+        }
         info!(agent = %agent_id, hostname = %info.hostname, resources = %total, tasks = agent_tasks.len(),
             "agent {}", if reregister { "re-registered" } else { "registered" });
         let detail = serde_json::json!({"hostname": info.hostname, "state": "REGISTERED", "reregistered": reregister});
@@ -1734,6 +1863,7 @@ impl Master {
         for agent_id in silent {
             self.mark_unreachable(&agent_id);
         }
+        self.kill_drained(now);
         let gone: Vec<FrameworkId> = self
             .frameworks
             .iter()

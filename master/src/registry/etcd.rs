@@ -58,6 +58,8 @@ fn keyed_writes(prefix: &str, changes: Vec<Change>) -> BTreeMap<String, Option<S
             Change::SetWeight(role, w) => (key("weights", &role), Some(json(serde_json::to_string(&w)))),
             Change::SetQuota(role, q) => (key("quotas", &role), Some(json(serde_json::to_string(&q)))),
             Change::RemoveQuota(role) => (key("quotas", &role), None),
+            Change::SetDrain(agent, deadline) => (key("drains", &agent), Some(json(serde_json::to_string(&deadline)))),
+            Change::RemoveDrain(agent) => (key("drains", &agent), None),
         };
         writes.insert(key, value);
     }
@@ -91,6 +93,9 @@ impl Registry for EtcdRegistry {
                 }
                 "quotas" => {
                     state.quotas.insert(id.to_string(), parse(&key, kv.value())?);
+                }
+                "drains" => {
+                    state.drains.insert(id.to_string(), parse(&key, kv.value())?);
                 }
                 _ => tracing::warn!(key, "ignoring an unknown registry key"),
             }

@@ -1,5 +1,5 @@
 //! The registry: what the master must remember across restarts and failovers — framework infos, admitted agents,
-//! role weights and quotas. Tasks are deliberately absent: agents are their source of truth and report them on
+//! role weights and quotas, agents under maintenance. Tasks are deliberately absent: agents are their source of truth and report them on
 //! re-registration, which keeps registry writes off the launch path.
 //!
 //! Backends sit behind [`Registry`]: `file:DIR`, the embedded default for a single master (a JSON snapshot plus an
@@ -61,6 +61,9 @@ pub struct RegistryState {
     pub weights: BTreeMap<String, f64>,
     #[serde(default)]
     pub quotas: BTreeMap<String, QuotaRecord>,
+    /// Agents being drained: the wall-clock time (seconds since the epoch) after which their tasks are killed.
+    #[serde(default)]
+    pub drains: BTreeMap<String, f64>,
 }
 
 /// A single change to the registry. Every change sets or removes one record, so replaying changes that a snapshot
@@ -74,6 +77,8 @@ pub enum Change {
     SetWeight(String, f64),
     SetQuota(String, QuotaRecord),
     RemoveQuota(String),
+    SetDrain(String, f64),
+    RemoveDrain(String),
 }
 
 impl RegistryState {
@@ -99,6 +104,12 @@ impl RegistryState {
             }
             Change::RemoveQuota(role) => {
                 self.quotas.remove(&role);
+            }
+            Change::SetDrain(agent, deadline) => {
+                self.drains.insert(agent, deadline);
+            }
+            Change::RemoveDrain(agent) => {
+                self.drains.remove(&agent);
             }
         }
     }

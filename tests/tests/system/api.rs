@@ -274,3 +274,81 @@ async fn the_event_stream_delivers_a_tasks_transitions_in_order() {
     assert_eq!(states, ["TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_FINISHED"], "{events:?}");
     assert!(events.iter().all(|(name, e)| e["type"] == name.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_reserve_resources_and_drain_agents_until_they_are_up_again() {
+    use corral_tests::{FrameworkEvent, WAIT};
+    use nix::sys::signal::Signal;
+    use std::time::Duration;
+    let mut cluster = Cluster::start(ClusterSpec::default()).await;
+    let mut fw = TestFramework::start(&cluster.master_addr(), TestFramework::info("d", "analytics", 60.0)).await;
+    let agent = fw.offers().await[0].agent_id.clone();
+    let http = reqwest::Client::new();
+    let base = cluster.master_url();
+    let post = |path: String, body: &'static str| {
+        let request = http.post(format!("{base}{path}")).body(body);
+        async move {
+            let r = request.send().await.expect("request");
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    // Reservations: only free resources, only named for a role.
+    let (code, body) = post(format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": "cpus(analytics):1;mem(analytics):128"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let agents = cluster.master_get("/state/agents").await.1;
+    assert_eq!(agents["agents"][0]["reserved_resources"]["analytics"]["cpus"], 1.0, "{agents}");
+    for (path, body, code, field) in [
+        (format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": "cpus:1"}"#, 400, "resources"),
+        (format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": "cpus(analytics):5"}"#, 409, "resources"),
+        (format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": "cpus(analytics):-1"}"#, 400, "resources"),
+        (format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": 1}"#, 400, "resources"),
+        (format!("/api/v1/agents/{agent}/reserve"), r#"{"resources": "#, 400, "body"),
+        ("/api/v1/agents/no-such-agent/reserve".to_string(), r#"{"resources": "cpus(analytics):1"}"#, 404, "agent"),
+        (format!("/api/v1/agents/{agent}/drain"), r#"{"deadline_seconds": -5}"#, 400, "deadline_seconds"),
+        (format!("/api/v1/agents/{agent}/drain"), r#"{"deadline_seconds": "soon"}"#, 400, "deadline_seconds"),
+        ("/api/v1/agents/no-such-agent/drain".to_string(), "", 404, "agent"),
+    ] {
+        let (got, reply) = post(path.clone(), body).await;
+        assert_eq!((got, reply["field"].as_str()), (code, Some(field)), "{path} {body}: {reply}");
+    }
+    let agents = cluster.master_get("/state/agents").await.1;
+    assert_eq!(agents["agents"][0]["reserved_resources"]["analytics"]["cpus"], 1.0, "refused writes changed nothing");
+
+    // (The reservation rescinded the first offer: launch on a live one.)
+    let need = Resources::parse("cpus:0.1;mem:16").unwrap();
+    let offer = fw.live_offers(|r| r.contains(&need)).await.remove(0);
+    let task = TaskBuilder::new("d1").shell("sleep 600").resources(&OfferPool::new(&offer).unwrap().take(&need, 0).unwrap()).build();
+    fw.driver.launch(&offer, vec![task]).await.unwrap();
+    fw.wait_update("d1", TaskState::TaskRunning).await;
+
+    // Drain: offers stop at once, the task is killed at the deadline.
+    let (code, body) = post(format!("/api/v1/agents/{agent}/drain"), r#"{"deadline_seconds": 1}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(fw.wait_terminal("d1").await.state, TaskState::TaskKilled as i32);
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(1500);
+    while let Some(event) = fw.next(quiet_until.saturating_duration_since(std::time::Instant::now())).await {
+        assert!(!matches!(event, FrameworkEvent::Offers(_)), "a draining agent is not offered");
+    }
+    let agents = cluster.master_get("/state/agents").await.1;
+    assert_eq!((agents["agents"][0]["active"].as_bool(), agents["agents"][0]["draining"].is_object()), (Some(false), true));
+
+    // The drain is in the registry: a restarted master keeps the agent out of offers.
+    cluster.master.as_ref().unwrap().signal(Signal::SIGKILL);
+    cluster.master.as_mut().unwrap().wait_timeout(WAIT);
+    cluster.start_master().await;
+    let state = cluster.wait_state("the agent back, still draining", |s| s["agents"][0]["state"] == "REGISTERED").await;
+    assert!(state["agents"][0]["draining"].is_object(), "{state}");
+
+    let (code, body) = post(format!("/api/v1/agents/{agent}/up"), "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(!fw.offers().await.is_empty(), "offers resume once the agent is up");
+    let agents = cluster.master_get("/state/agents").await.1;
+    assert_eq!((agents["agents"][0]["active"].as_bool(), agents["agents"][0]["draining"].is_null()), (Some(true), true));
+
+    let (code, body) = post(format!("/api/v1/agents/{agent}/unreserve"), r#"{"resources": "cpus(analytics):1;mem(analytics):128"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let agents = cluster.master_get("/state/agents").await.1;
+    assert_eq!(agents["agents"][0]["reserved_resources"], serde_json::json!({}), "{agents}");
+    assert_eq!(agents["agents"][0]["unreserved_resources"]["cpus"], 2.0);
+}
