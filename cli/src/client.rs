@@ -63,7 +63,68 @@ impl Masters {
     pub async fn state(&self) -> anyhow::Result<Value> {
         self.get("/state").await
     }
+
+    /// Sends a write (`POST`, `PUT`, `DELETE`) with a JSON body to the leading master. The master's refusal comes
+    /// back as [`Refused`] (its status code and message), so commands can map it to an exit code.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let health = self.get("/health").await?;
+        let leader = health.get("leader").and_then(Value::as_str).ok_or_else(|| anyhow!("the leading master did not name itself"))?;
+        let url = format!("http://{leader}{path}");
+        let mut request = http().request(method, &url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| format!("cannot reach {url}"))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body.get("error").and_then(Value::as_str).unwrap_or("no details").to_string();
+        Err(Refused { status: status.as_u16(), message }.into())
+    }
 }
+
+/// A master refused a request: its HTTP status and message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub status: u16,
+    pub message: String,
+}
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    /// The command did what was asked.
+    pub const OK: i32 = 0;
+    /// The cluster refused or the operation failed (e.g. a task did not end well, a quota is invalid).
+    pub const FAILED: i32 = 1;
+    /// Bad command line (clap's own code for usage errors).
+    pub const USAGE: i32 = 2;
+    /// No leading master could be reached.
+    pub const UNREACHABLE: i32 = 3;
+    /// What was named (node, framework, task, role) does not exist.
+    pub const NOT_FOUND: i32 = 4;
+}
+
+/// The exit code for an error: not found, unreachable, or failed.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if let Some(r) = e.downcast_ref::<Refused>() {
+        return if r.status == 404 { exit::NOT_FOUND } else { exit::FAILED };
+    }
+    if e.downcast_ref::<NotFound>().is_some() {
+        return exit::NOT_FOUND;
+    }
+    if format!("{e:#}").starts_with("no leading master answered") {
+        return exit::UNREACHABLE;
+    }
+    exit::FAILED
+}
+
+/// Nothing matches what the user named.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()

@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use serde_json::{Value, json};
 
-use crate::client::{Masters, get_json};
+use crate::client::{Masters, NotFound, get_json};
 use crate::table;
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
@@ -17,12 +17,12 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn num(v: &Value) -> String {
+pub(crate) fn num(v: &Value) -> String {
     let n = v.as_f64().unwrap_or(0.0);
     if n.fract() == 0.0 { format!("{n:.0}") } else { format!("{n:.2}") }
 }
 
-fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+pub(crate) fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
     v.get(key).and_then(Value::as_array).into_iter().flatten()
 }
 
@@ -88,7 +88,7 @@ pub async fn frameworks(masters: &Masters, all: bool, json_out: bool) -> anyhow:
 }
 
 /// Every task the master knows, active first, with the framework id filled in.
-fn all_tasks(state: &Value, include_completed: bool) -> Vec<Value> {
+pub(crate) fn all_tasks(state: &Value, include_completed: bool) -> Vec<Value> {
     let mut out = Vec::new();
     let frameworks = array(state, "frameworks").chain(array(state, "completed_frameworks").filter(|_| include_completed));
     for f in frameworks {
@@ -143,7 +143,7 @@ pub struct LogArgs {
 }
 
 /// Finds exactly one task by id or unique substring (an exact id always wins).
-fn find_task(tasks: &[Value], wanted: &str) -> anyhow::Result<Value> {
+pub(crate) fn find_task(tasks: &[Value], wanted: &str) -> anyhow::Result<Value> {
     if let Some(t) = tasks.iter().rev().find(|t| t["id"] == json!(wanted)) {
         return Ok(t.clone());
     }
@@ -151,7 +151,7 @@ fn find_task(tasks: &[Value], wanted: &str) -> anyhow::Result<Value> {
     let mut ids: Vec<String> = matches.iter().map(|t| s(&t["id"])).collect();
     ids.dedup();
     match ids.len() {
-        0 => Err(anyhow!("no task matches {wanted:?}; see `corral task list --all`")),
+        0 => Err(NotFound(format!("no task matches {wanted:?}; see `corral task list --all`")).into()),
         1 => Ok(matches[matches.len() - 1].clone()),
         _ => Err(anyhow!("{wanted:?} matches several tasks: {}", ids.join(", "))),
     }

@@ -1,8 +1,13 @@
 //! Aligned plain-text tables for human output.
 
-/// Prints rows under a header, each column as wide as its widest cell.
+/// Prints rows under a header, each column as wide as its widest cell; the header in bold on a terminal only.
 pub fn print(header: &[&str], rows: &[Vec<String>]) {
-    print!("{}", render(header, rows));
+    use std::io::IsTerminal;
+    let text = render(header, rows);
+    match text.split_once('\n') {
+        Some((head, body)) if std::io::stdout().is_terminal() => print!("\x1b[1m{head}\x1b[0m\n{body}"),
+        _ => print!("{text}"),
+    }
 }
 
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {

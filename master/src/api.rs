@@ -267,6 +267,7 @@ pub fn http_router(frontend: Frontend) -> axum::Router {
         .route("/api/v1/agents/{id}/unreserve", axum::routing::post(async |f: State<Frontend>, p: Path<String>, b: Bytes| reserve(f, p, b, false).await))
         .route("/api/v1/events", axum::routing::get(events))
         .route("/api/v1/tasks/{task}/files/{file}", axum::routing::get(task_file))
+        .route("/api/v1/tasks/{task}/kill", axum::routing::post(kill_task))
         .route("/", axum::routing::get(dashboard))
         .with_state(frontend)
 }
@@ -428,6 +429,24 @@ async fn reserve(State(frontend): State<Frontend>, Path(id): Path<String>, body:
         };
         let resources = Resources::parse(&text).map_err(|e| OperatorError::bad("resources", e.to_string()))?;
         Ok(if reserve { Operation::Reserve { agent, resources } } else { Operation::Unreserve { agent, resources } })
+    })();
+    operate(&frontend, op).await
+}
+
+/// `POST /api/v1/tasks/{task}/kill` with `{"framework": "…", "grace_seconds": 5}` (grace optional).
+async fn kill_task(State(frontend): State<Frontend>, Path(task): Path<String>, body: Bytes) -> HttpResponse {
+    let op = (|| {
+        let task = corral_proto::TaskId::new(task).map_err(|e| OperatorError::bad("task", e.to_string()))?;
+        let body = json_object(&body)?;
+        let framework = match body.get("framework") {
+            Some(serde_json::Value::String(id)) => FrameworkId::new(id.as_str()).map_err(|e| OperatorError::bad("framework", e.to_string()))?,
+            _ => return Err(OperatorError::bad("framework", "missing: the id of the task's framework")),
+        };
+        let grace_seconds = match body.get("grace_seconds") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| OperatorError::bad("grace_seconds", "must be a number"))?),
+        };
+        Ok(Operation::KillTask { framework, task, grace_seconds })
     })();
     operate(&frontend, op).await
 }

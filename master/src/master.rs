@@ -111,6 +111,8 @@ pub enum Operation {
     /// Reserve unreserved, unused resources of an agent for roles (`cpus(analytics):2`), or give them back.
     Reserve { agent: AgentId, resources: Resources },
     Unreserve { agent: AgentId, resources: Resources },
+    /// Kill a task on the operator's behalf (its framework gets the updates as usual).
+    KillTask { framework: FrameworkId, task: TaskId, grace_seconds: Option<f64> },
 }
 
 /// Why an operator write was refused: the HTTP status, what is wrong, and the request field at fault.
@@ -773,6 +775,16 @@ impl Master {
                 }
                 let to = resources.with_role(None);
                 self.convert_free(&agent, "UNRESERVE", resources, to).await
+            }
+            Operation::KillTask { framework, task, grace_seconds } => {
+                let active = self.frameworks.get(&framework).and_then(|f| f.tasks.get(&task)).map(|t| t.agent_id.clone());
+                let Some(agent) = active else {
+                    return Err(OperatorError { code: 404, message: format!("no active task {task} of framework {framework}"), field: Some("task") });
+                };
+                let req = v1::KillRequest { task_id: task.to_string(), agent_id: agent.to_string(), kill_grace_period_seconds: grace_seconds, header: None };
+                self.kill(&framework, req).map_err(|e| OperatorError::bad("grace_seconds", e.message()))?;
+                info!(framework = %framework, task = %task, "task kill requested by the operator");
+                Ok(serde_json::json!({"framework": framework, "task": task, "agent": agent}))
             }
             Operation::Teardown { framework } => {
                 if !self.frameworks.contains_key(&framework) {

@@ -582,7 +582,7 @@ async fn cli_execute_lists_and_logs() {
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "exit code 3: no master reachable");
     assert!(err.contains("127.0.0.1:1"), "{err}");
 }
 

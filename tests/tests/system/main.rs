@@ -2,6 +2,7 @@
 //! frameworks on the real SDK.
 
 mod api;
+mod cli;
 mod dashboard;
 mod foundation;
 mod ha;
