@@ -346,6 +346,17 @@ async fn operators_reserve_resources_and_drain_agents_until_they_are_up_again() 
     let agents = cluster.master_get("/state/agents").await.1;
     assert_eq!((agents["agents"][0]["active"].as_bool(), agents["agents"][0]["draining"].is_null()), (Some(true), true));
 
+    // Killing a task on the operator's behalf: bad input is refused.
+    for (path, body, code, field) in [
+        ("/api/v1/tasks/d1/kill".to_string(), r#"{}"#, 400, "framework"),
+        ("/api/v1/tasks/d1/kill".to_string(), r#"{"framework": "no-such-framework"}"#, 404, "task"),
+        ("/api/v1/tasks/bad%20id/kill".to_string(), r#"{"framework": "x"}"#, 400, "task"),
+        ("/api/v1/tasks/d1/kill".to_string(), r#"{"framework": "x", "grace_seconds": "soon"}"#, 400, "grace_seconds"),
+    ] {
+        let (got, reply) = post(path.clone(), body).await;
+        assert_eq!((got, reply["field"].as_str()), (code, Some(field)), "{path} {body}: {reply}");
+    }
+
     let (code, body) = post(format!("/api/v1/agents/{agent}/unreserve"), r#"{"resources": "cpus(analytics):1;mem(analytics):128"}"#).await;
     assert_eq!(code, 200, "{body}");
     let agents = cluster.master_get("/state/agents").await.1;

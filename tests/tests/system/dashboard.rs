@@ -116,3 +116,20 @@ async fn the_dashboard_shows_agents_and_tasks_live_and_a_tasks_log() {
     browser.screenshot(&artefacts().join("log.png")).await;
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_dashboard_names_and_links_the_leader() {
+    use corral_tests::ha::HaCluster;
+    let cluster = HaCluster::start(3, Duration::from_secs(2), ClusterSpec { agents: 0, ..ClusterSpec::default() }).await;
+    let leader = cluster.wait_agreed_leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let browser = Browser::start(cluster.dir.path()).await;
+    browser.goto(&format!("http://{}/", cluster.addr(follower))).await;
+    let leader_addr = cluster.addr(leader);
+    let text = browser.wait_text(&["This master follows", &leader_addr]).await;
+    assert!(text.contains("follower"), "{text}");
+    let script = json!({"script": "return document.querySelector('#follower a').href", "args": []});
+    let link = browser.command(reqwest::Method::POST, "/execute/sync", Some(script)).await;
+    assert_eq!(link, format!("http://{leader_addr}/"));
+    browser.close().await;
+}
