@@ -209,7 +209,7 @@ pub async fn framework_teardown(masters: &Masters, wanted: &str, json_out: bool)
 }
 
 fn is_terminal(state: &str) -> bool {
-    matches!(state, "TASK_FINISHED" | "TASK_FAILED" | "TASK_KILLED" | "TASK_ERROR" | "TASK_LOST" | "TASK_DROPPED" | "TASK_GONE" | "TASK_GONE_BY_OPERATOR")
+    corral_proto::v1::TaskState::from_str_name(state).is_some_and(|s| s.is_terminal())
 }
 
 pub async fn task_show(masters: &Masters, wanted: &str, json_out: bool) -> anyhow::Result<i32> {

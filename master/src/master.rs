@@ -176,6 +176,18 @@ pub(crate) enum AgentState {
     Unreachable,
 }
 
+impl AgentState {
+    /// The name `/state` and the metrics use, e.g. `REGISTERED`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Recovering => "RECOVERING",
+            AgentState::Registered => "REGISTERED",
+            AgentState::Disconnected => "DISCONNECTED",
+            AgentState::Unreachable => "UNREACHABLE",
+        }
+    }
+}
+
 pub(crate) struct Agent {
     pub info: v1::AgentInfo,
     pub total: Resources,
@@ -268,6 +280,20 @@ pub(crate) struct Drain {
     pub deadline: f64,
     /// Whether the kills were sent.
     pub killed: bool,
+}
+
+/// What an operator may reserve or unreserve: reserved resources (`cpus(analytics):2`), no volumes.
+fn check_reservation(resources: &Resources) -> Result<(), OperatorError> {
+    if resources.is_empty() {
+        return Err(OperatorError::bad("resources", "names no resources"));
+    }
+    if !resources.unreserved().is_empty() || !resources.volumes().is_empty() {
+        return Err(OperatorError::bad(
+            "resources",
+            format!("{resources} must name reserved resources like cpus(analytics):2, without volumes (destroy volumes first)"),
+        ));
+    }
+    Ok(())
 }
 
 /// How many events a slow `/api/v1/events` subscriber may fall behind before it is told it missed some.
@@ -746,7 +772,7 @@ impl Master {
                 info!(agent = %agent, deadline_seconds, "draining agent: no new offers, tasks killed at the deadline");
                 let detail = serde_json::json!({"draining": true, "deadline": deadline});
                 let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), detail));
-                self.kill_drained(Instant::now());
+                self.kill_drained();
                 Ok(serde_json::json!({"agent": agent, "deadline": deadline}))
             }
             Operation::Up { agent } => {
@@ -759,20 +785,12 @@ impl Master {
                 let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), serde_json::json!({"draining": false})));
                 Ok(serde_json::json!({"agent": agent}))
             }
-            Operation::Reserve { agent, resources } | Operation::Unreserve { agent, resources } if resources.is_empty() => {
-                let _ = agent;
-                Err(OperatorError::bad("resources", "names no resources"))
-            }
             Operation::Reserve { agent, resources } => {
-                if !resources.unreserved().is_empty() || !resources.volumes().is_empty() {
-                    return Err(OperatorError::bad("resources", format!("{resources} must name reserved resources like cpus(analytics):2, without volumes")));
-                }
+                check_reservation(&resources)?;
                 self.convert_free(&agent, "RESERVE", resources.with_role(None), resources).await
             }
             Operation::Unreserve { agent, resources } => {
-                if !resources.unreserved().is_empty() || !resources.volumes().is_empty() {
-                    return Err(OperatorError::bad("resources", format!("{resources} must name reserved resources (destroy volumes first)")));
-                }
+                check_reservation(&resources)?;
                 let to = resources.with_role(None);
                 self.convert_free(&agent, "UNRESERVE", resources, to).await
             }
@@ -834,7 +852,7 @@ impl Master {
     }
 
     /// Kills the tasks of drained agents whose deadline passed (once; a disconnected agent gets them on return).
-    fn kill_drained(&mut self, _now: Instant) {
+    fn kill_drained(&mut self) {
         let wall = now_seconds();
         let due: Vec<AgentId> =
             self.drains.iter().filter(|(_, d)| !d.killed && d.deadline <= wall).map(|(a, _)| a.clone()).collect();
@@ -1875,7 +1893,7 @@ impl Master {
         for agent_id in silent {
             self.mark_unreachable(&agent_id);
         }
-        self.kill_drained(now);
+        self.kill_drained();
         let gone: Vec<FrameworkId> = self
             .frameworks
             .iter()

@@ -160,12 +160,7 @@ impl Master {
                     "hostname": a.info.hostname,
                     "port": a.info.port,
                     "pid": format!("{}:{}", a.info.hostname, a.info.port),
-                    "state": match a.state {
-                        AgentState::Recovering => "RECOVERING",
-                        AgentState::Registered => "REGISTERED",
-                        AgentState::Disconnected => "DISCONNECTED",
-                        AgentState::Unreachable => "UNREACHABLE",
-                    },
+                    "state": a.state.name(),
                     "active": a.state == AgentState::Registered && !self.drains.contains_key(id),
                     "draining": self.drains.get(id).map(|d| json!({"deadline": d.deadline, "tasks_killed": d.killed})),
                     "version": a.info.version,
@@ -315,13 +310,7 @@ impl Master {
         METRICS.clear_state();
         let label = |key: &'static str, value: &str| -> Labels { vec![(key, value.to_string())] };
         for a in self.agents.values() {
-            let state = match a.state {
-                AgentState::Recovering => "RECOVERING",
-                AgentState::Registered => "REGISTERED",
-                AgentState::Disconnected => "DISCONNECTED",
-                AgentState::Unreachable => "UNREACHABLE",
-            };
-            METRICS.agents.get_or_create(&label("state", state)).inc();
+            METRICS.agents.get_or_create(&label("state", a.state.name())).inc();
         }
         let mut resources: HashMap<(&'static str, String, String), f64> = HashMap::new();
         let mut add = |kind: &'static str, role: &str, r: &Resources| {
