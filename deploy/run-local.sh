@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: build corral and run a local cluster (1 master, 2 agents) with demo tasks, in the foreground.
-# Master (REST /state, gRPC): http://127.0.0.1:5050. Ctrl-C stops the cluster and everything it runs.
+# Dashboard, REST API and gRPC: http://127.0.0.1:5050. Ctrl-C stops the cluster and everything it runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # etcd-server: `corral dev up --ha` runs a local etcd for three masters.
@@ -32,5 +32,5 @@ echo "== demo: a long-running task (see: corral task list; corral task log demo-
 sleep 2
 "$BIN/corral" task list
 echo
-echo "cluster running: http://127.0.0.1:5050/state  — Ctrl-C to stop"
+echo "cluster running: dashboard at http://127.0.0.1:5050 (API: /state, /api/v1/…, /metrics) — Ctrl-C to stop"
 wait "$DEV"
