@@ -299,6 +299,14 @@ fn check_reservation(resources: &Resources) -> Result<(), OperatorError> {
 /// How many events a slow `/api/v1/events` subscriber may fall behind before it is told it missed some.
 const EVENTS_BUFFER: usize = 4096;
 
+/// Sends an event to `/api/v1/events` subscribers; builds it only when there are some (a million task
+/// transitions with nobody listening cost nothing).
+fn publish(events: &broadcast::Sender<serde_json::Value>, make: impl FnOnce() -> serde_json::Value) {
+    if events.receiver_count() > 0 {
+        let _ = events.send(make());
+    }
+}
+
 /// A `/api/v1/events` event: a task changed state.
 fn task_event(framework_id: &FrameworkId, task_id: &TaskId, agent_id: &AgentId, state: TaskState) -> serde_json::Value {
     serde_json::json!({
@@ -657,7 +665,7 @@ impl Master {
                 self.allocator.update_framework_roles(&id, &info.roles);
                 info!(framework = %id, name = %info.name, "framework re-subscribed");
                 let detail = serde_json::json!({"name": info.name, "connected": true});
-                let _ = self.events.send(event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
+                publish(&self.events, || event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
             }
             None => {
                 self.allocator
@@ -677,7 +685,7 @@ impl Master {
                 );
                 info!(framework = %id, name = %info.name, roles = ?info.roles, "framework subscribed");
                 let detail = serde_json::json!({"name": info.name, "roles": info.roles, "connected": true});
-                let _ = self.events.send(event_of("FRAMEWORK_ADDED", "framework_id", id.as_str(), detail));
+                publish(&self.events, || event_of("FRAMEWORK_ADDED", "framework_id", id.as_str(), detail));
             }
         }
         self.allocator.set_framework_active(&id, true);
@@ -719,7 +727,7 @@ impl Master {
         let timeout = f.info.failover_timeout_seconds;
         info!(framework = %id, failover_timeout = timeout, "framework disconnected");
         let detail = serde_json::json!({"connected": false});
-        let _ = self.events.send(event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
+        publish(&self.events, || event_of("FRAMEWORK_UPDATED", "framework_id", id.as_str(), detail));
         self.allocator.set_framework_active(id, false);
         self.rescind_framework_offers(id, false);
         if timeout <= 0.0 {
@@ -771,7 +779,7 @@ impl Master {
                 self.rescind_agent_offers(&agent);
                 info!(agent = %agent, deadline_seconds, "draining agent: no new offers, tasks killed at the deadline");
                 let detail = serde_json::json!({"draining": true, "deadline": deadline});
-                let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), detail));
+                publish(&self.events, || event_of("AGENT_UPDATED", "agent_id", agent.as_str(), detail));
                 self.kill_drained();
                 Ok(serde_json::json!({"agent": agent, "deadline": deadline}))
             }
@@ -782,7 +790,7 @@ impl Master {
                 let connected = self.agents.get(&agent).is_some_and(|a| a.state == AgentState::Registered);
                 self.allocator.set_agent_active(&agent, connected);
                 info!(agent = %agent, "agent is up: its resources are offered again");
-                let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent.as_str(), serde_json::json!({"draining": false})));
+                publish(&self.events, || event_of("AGENT_UPDATED", "agent_id", agent.as_str(), serde_json::json!({"draining": false})));
                 Ok(serde_json::json!({"agent": agent}))
             }
             Operation::Reserve { agent, resources } => {
@@ -873,7 +881,7 @@ impl Master {
         self.rescind_framework_offers(id, false);
         let Some(mut f) = self.frameworks.remove(id) else { return };
         info!(framework = %id, "removing framework: {why}");
-        let _ = self.events.send(event_of("FRAMEWORK_REMOVED", "framework_id", id.as_str(), serde_json::json!({"why": why})));
+        publish(&self.events, || event_of("FRAMEWORK_REMOVED", "framework_id", id.as_str(), serde_json::json!({"why": why})));
         if let Some((_, tx)) = f.conn.take() {
             let _ = tx.send(Ok(error_event(&format!("framework removed: {why}"))));
         }
@@ -889,7 +897,7 @@ impl Master {
                 );
                 task.state = TaskState::TaskKilled;
                 task.statuses.push((TaskState::TaskKilled, now_seconds()));
-                let _ = self.events.send(task_event(id, &task_id, &task.agent_id, TaskState::TaskKilled));
+                publish(&self.events, || task_event(id, &task_id, &task.agent_id, TaskState::TaskKilled));
             }
             if let Some(agent) = self.agents.get_mut(&task.agent_id) {
                 agent.tasks.remove(&(id.clone(), task_id.clone()));
@@ -1394,7 +1402,7 @@ impl Master {
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.tasks.insert((framework_id.clone(), task_id.clone()));
         }
-        let _ = self.events.send(task_event(framework_id, &task_id, agent_id, TaskState::TaskStaging));
+        publish(&self.events, || task_event(framework_id, &task_id, agent_id, TaskState::TaskStaging));
         info!(framework = %framework_id, task = %task_id, agent = %agent_id, "launching task");
         self.send_to_agent(
             agent_id,
@@ -1661,7 +1669,7 @@ impl Master {
                     if was != state && t.state.may_become(state) {
                         t.state = state;
                         t.statuses.push((state, now_seconds()));
-                        let _ = self.events.send(task_event(&fid, &tid, &agent_id, state));
+                        publish(&self.events, || task_event(&fid, &tid, &agent_id, state));
                     }
                     if let Some(g) = t.kill_pending.take() {
                         kills.push((fid.clone(), tid.clone(), g));
@@ -1688,7 +1696,7 @@ impl Master {
                         kill_pending: None,
                         acked: true,
                     };
-                    let _ = self.events.send(task_event(&fid, &tid, &agent_id, state));
+                    publish(&self.events, || task_event(&fid, &tid, &agent_id, state));
                     f.tasks.insert(tid, t);
                 }
             }
@@ -1701,7 +1709,7 @@ impl Master {
             }
             t.state = TaskState::TaskLost;
             t.statuses.push((TaskState::TaskLost, now_seconds()));
-            let _ = self.events.send(task_event(&fid, &tid, &agent_id, TaskState::TaskLost));
+            publish(&self.events, || task_event(&fid, &tid, &agent_id, TaskState::TaskLost));
             let s = status(&fid, tid.as_str(), agent_id.as_str(), TaskState::TaskLost, StatusReason::ReasonAgentReregistered,
                 format!("agent {agent_id} re-registered without task {tid}"));
             t.status = Some(s.clone());
@@ -1718,7 +1726,7 @@ impl Master {
         info!(agent = %agent_id, hostname = %info.hostname, resources = %total, tasks = agent_tasks.len(),
             "agent {}", if reregister { "re-registered" } else { "registered" });
         let detail = serde_json::json!({"hostname": info.hostname, "state": "REGISTERED", "reregistered": reregister});
-        let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
+        publish(&self.events, || event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
         self.agents.insert(
             agent_id.clone(),
             Agent {
@@ -1769,7 +1777,7 @@ impl Master {
             }
             info!(agent = %agent_id, "agent disconnected; its resources leave the offer pool");
             let detail = serde_json::json!({"state": "DISCONNECTED"});
-            let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
+            publish(&self.events, || event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
             self.allocator.set_agent_active(&agent_id, false);
             self.rescind_agent_offers(&agent_id);
         }
@@ -1816,7 +1824,7 @@ impl Master {
         if fresh && task.state.may_become(state) {
             if state != task.state || task.status.as_ref().map(|x| x.healthy) != Some(s.healthy) {
                 task.statuses.push((state, s.timestamp));
-                let _ = self.events.send(task_event(&fid, &tid, agent_id, state));
+                publish(&self.events, || task_event(&fid, &tid, agent_id, state));
             }
             task.state = state;
             task.status = Some(s.clone());
@@ -1843,7 +1851,7 @@ impl Master {
         warn!(agent = %agent_id, "agent unreachable: no message within the ping timeout");
         agent.state = AgentState::Unreachable;
         let detail = serde_json::json!({"state": "UNREACHABLE"});
-        let _ = self.events.send(event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
+        publish(&self.events, || event_of("AGENT_UPDATED", "agent_id", agent_id.as_str(), detail));
         if let Some((conn, tx)) = agent.conn.take() {
             let _ = tx.send(Err(Status::unavailable("agent marked unreachable after its ping timeout")));
             self.agent_conns.remove(&conn);
@@ -1856,7 +1864,7 @@ impl Master {
             }
             t.state = TaskState::TaskUnreachable;
             t.statuses.push((TaskState::TaskUnreachable, now_seconds()));
-            let _ = self.events.send(task_event(&fid, &tid, agent_id, TaskState::TaskUnreachable));
+            publish(&self.events, || task_event(&fid, &tid, agent_id, TaskState::TaskUnreachable));
             let s = status(&fid, tid.as_str(), agent_id.as_str(), TaskState::TaskUnreachable,
                 StatusReason::ReasonAgentUnreachable, format!("agent {agent_id} is unreachable"));
             self.send_event(&fid, event::Event::Update(event::Update { status: Some(s) }));
