@@ -300,10 +300,13 @@ fn error(code: StatusCode, message: &str) -> HttpResponse {
     (code, Json(serde_json::json!({"error": message}))).into_response()
 }
 
-/// 400 naming the offending field.
+/// An error naming the offending field: `{"error": "<field>: <message>", "field": "<field>"}`.
+fn field_error(code: StatusCode, field: &str, message: &str) -> HttpResponse {
+    (code, Json(serde_json::json!({"error": format!("{field}: {message}"), "field": field}))).into_response()
+}
+
 fn bad_field(field: &str, message: &str) -> HttpResponse {
-    (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": format!("{field}: {message}"), "field": field})))
-        .into_response()
+    field_error(StatusCode::BAD_REQUEST, field, message)
 }
 
 async fn view(State(frontend): State<Frontend>, view: View) -> HttpResponse {
@@ -331,7 +334,7 @@ async fn operate(frontend: &Frontend, op: Result<Operation, OperatorError>) -> H
 fn operator_error(e: OperatorError) -> HttpResponse {
     let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_REQUEST);
     match e.field {
-        Some(field) => (code, Json(serde_json::json!({"error": format!("{field}: {}", e.message), "field": field}))).into_response(),
+        Some(field) => field_error(code, field, &e.message),
         None => error(code, &e.message),
     }
 }
