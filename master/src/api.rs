@@ -524,15 +524,12 @@ async fn task_file(frontend: State<Frontend>, Path((task, file)): Path<(String, 
         Ok(h) => h,
         Err(status) => return error(StatusCode::SERVICE_UNAVAILABLE, status.message()),
     };
-    let filter = TaskFilter { framework: Some(framework.clone()), limit: TaskFilter::MAX_LIMIT, ..TaskFilter::default() };
-    let (Ok(tasks), Ok(agents)) = (handle.view(View::Tasks(filter)).await, handle.view(View::Agents).await) else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "this master stopped leading");
-    };
-    let Some(agent_id) = tasks["tasks"].as_array().into_iter().flatten().find(|t| t["id"] == task.as_str()).map(|t| t["agent_id"].clone()) else {
-        return error(StatusCode::NOT_FOUND, &format!("task {task} of framework {framework} is not known"));
-    };
-    let Some(agent) = agents["agents"].as_array().into_iter().flatten().find(|a| a["id"] == agent_id) else {
-        return error(StatusCode::NOT_FOUND, &format!("agent {agent_id} is not known"));
+    let unknown = || error(StatusCode::NOT_FOUND, &format!("task {task} of framework {framework} is not known"));
+    let Ok(task_id) = corral_proto::TaskId::new(task.as_str()) else { return unknown() };
+    let agent = match handle.view(View::TaskAgent { framework: framework.clone(), task: task_id }).await {
+        Ok(agent) if agent.is_null() => return unknown(),
+        Ok(agent) => agent,
+        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "this master stopped leading"),
     };
     let base = format!("http://{}:{}", agent["hostname"].as_str().unwrap_or_default(), agent["port"]);
     match read_from_agent(&base, framework.as_str(), &task, &file, &offset, &length).await {

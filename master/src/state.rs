@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use corral_proto::v1::TaskState;
-use corral_proto::{AgentId, FrameworkId, Resources};
+use corral_proto::{AgentId, FrameworkId, Resources, TaskId};
 use serde_json::{Value, json};
 
 use crate::master::{AgentState, Framework, Master, Task};
@@ -16,6 +16,8 @@ pub enum View {
     Frameworks,
     Roles,
     Tasks(TaskFilter),
+    /// Where a task (active or recently completed) ran: its agent's id, host and port, or null.
+    TaskAgent { framework: FrameworkId, task: TaskId },
 }
 
 /// Which tasks `/state/tasks` lists, and which page of them.
@@ -112,6 +114,12 @@ impl Master {
             }),
             View::Roles => json!({"roles": self.roles_json()}),
             View::Tasks(filter) => self.tasks_json(filter),
+            View::TaskAgent { framework, task } => {
+                let f = self.frameworks.get(framework);
+                let t = f.and_then(|f| f.tasks.get(task).or_else(|| f.completed_tasks.iter().rev().find(|t| &t.id == task)));
+                let agent = t.and_then(|t| self.agents.get(&t.agent_id).map(|a| (&t.agent_id, a)));
+                agent.map_or(Value::Null, |(id, a)| json!({"id": id, "hostname": a.info.hostname, "port": a.info.port}))
+            }
         }
     }
 
