@@ -144,16 +144,27 @@ pub struct LogArgs {
 
 /// Finds exactly one task by id or unique substring (an exact id always wins).
 pub(crate) fn find_task(tasks: &[Value], wanted: &str) -> anyhow::Result<Value> {
-    if let Some(t) = tasks.iter().rev().find(|t| t["id"] == json!(wanted)) {
-        return Ok(t.clone());
+    find_one(tasks, wanted, |t| s(&t["id"]).contains(wanted), "task", "corral task list --all")
+}
+
+/// Finds exactly one of `items` (JSON objects with an `id`) the user named: an exact id wins, else the one id among
+/// those `matches` picks (the last item of it: a task id reused after completion means the latest run). `kind` and
+/// `list` (the command that lists them) word the errors.
+pub(crate) fn find_one(items: &[Value], wanted: &str, matches: impl Fn(&Value) -> bool, kind: &str, list: &str) -> anyhow::Result<Value> {
+    if let Some(exact) = items.iter().rev().find(|x| x["id"] == json!(wanted)) {
+        return Ok(exact.clone());
     }
-    let matches: Vec<&Value> = tasks.iter().filter(|t| s(&t["id"]).contains(wanted)).collect();
-    let mut ids: Vec<String> = matches.iter().map(|t| s(&t["id"])).collect();
-    ids.dedup();
-    match ids.len() {
-        0 => Err(NotFound(format!("no task matches {wanted:?}; see `corral task list --all`")).into()),
-        1 => Ok(matches[matches.len() - 1].clone()),
-        _ => Err(anyhow!("{wanted:?} matches several tasks: {}", ids.join(", "))),
+    let found: Vec<&Value> = items.iter().filter(|x| matches(x)).collect();
+    let mut ids: Vec<String> = Vec::new();
+    for id in found.iter().map(|x| s(&x["id"])) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    match (ids.len(), found.last()) {
+        (1, Some(last)) => Ok((*last).clone()),
+        (0, _) | (_, None) => Err(NotFound(format!("no {kind} matches {wanted:?}; see `{list}`")).into()),
+        _ => Err(anyhow!("{wanted:?} matches several {kind}s: {}", ids.join(", "))),
     }
 }
 

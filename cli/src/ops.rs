@@ -9,8 +9,8 @@ use anyhow::Context;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Masters, NotFound, exit};
-use crate::listing::{all_tasks, array, find_task, num, s};
+use crate::client::{Masters, exit};
+use crate::listing::{all_tasks, array, find_one, find_task, num, s};
 use crate::table;
 
 /// Prints `value` as JSON, or `lines` (label, text) aligned.
@@ -74,16 +74,8 @@ pub async fn cluster_status(masters: &Masters, json_out: bool) -> anyhow::Result
 /// The agent whose id (or hostname) is, or uniquely contains, `wanted`.
 async fn find_node(masters: &Masters, wanted: &str) -> anyhow::Result<Value> {
     let agents = masters.get("/state/agents").await?;
-    let all: Vec<&Value> = array(&agents, "agents").collect();
-    if let Some(exact) = all.iter().find(|a| s(&a["id"]) == wanted) {
-        return Ok((*exact).clone());
-    }
-    let matches: Vec<&&Value> = all.iter().filter(|a| s(&a["id"]).contains(wanted) || s(&a["hostname"]) == wanted).collect();
-    match matches.len() {
-        1 => Ok((*matches[0]).clone()),
-        0 => Err(NotFound(format!("no node matches {wanted:?}; see `corral node list`")).into()),
-        _ => Err(anyhow::anyhow!("{wanted:?} matches several nodes: {}", matches.iter().map(|a| s(&a["id"])).collect::<Vec<_>>().join(", "))),
-    }
+    let all: Vec<Value> = array(&agents, "agents").cloned().collect();
+    find_one(&all, wanted, |a| s(&a["id"]).contains(wanted) || s(&a["hostname"]) == wanted, "node", "corral node list")
 }
 
 fn resources_text(r: &Value) -> String {
@@ -166,13 +158,9 @@ pub async fn node_up(masters: &Masters, wanted: &str, json_out: bool) -> anyhow:
 
 async fn find_framework(masters: &Masters, wanted: &str) -> anyhow::Result<Value> {
     let list = masters.get("/state/frameworks").await?;
-    let all: Vec<&Value> = array(&list, "frameworks").chain(array(&list, "completed_frameworks")).collect();
-    let matches: Vec<&&Value> = all.iter().filter(|f| s(&f["id"]) == wanted || s(&f["name"]) == wanted || s(&f["id"]).contains(wanted)).collect();
-    match matches.iter().find(|f| s(&f["id"]) == wanted).or(matches.first().filter(|_| matches.len() == 1)) {
-        Some(f) => Ok((**f).clone()),
-        None if matches.is_empty() => Err(NotFound(format!("no framework matches {wanted:?}; see `corral framework list --all`")).into()),
-        None => Err(anyhow::anyhow!("{wanted:?} matches several frameworks: {}", matches.iter().map(|f| s(&f["id"])).collect::<Vec<_>>().join(", "))),
-    }
+    let all: Vec<Value> = array(&list, "frameworks").chain(array(&list, "completed_frameworks")).cloned().collect();
+    let matches = |f: &Value| s(&f["name"]) == wanted || s(&f["id"]).contains(wanted);
+    find_one(&all, wanted, matches, "framework", "corral framework list --all")
 }
 
 pub async fn framework_show(masters: &Masters, wanted: &str, json_out: bool) -> anyhow::Result<i32> {
